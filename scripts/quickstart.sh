@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: set up, then train a listening LM on spoken digits
+# (frozen Whisper tiny.en + frozen SmolLM2-135M-Instruct + a trained projector), evaluate it on a
+# held-out speaker, and transcribe a few clips. Minutes on 2 CPU cores; no hub, nothing to bring.
+# Real speech comes from ../shared/data/fsdd (or $EARFUL_FSDD); without it, digits are
+# synthesised with the bundled Piper voice.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1
+E=.venv/bin/earful
+OUT=${OUT:-runs/digits}
+FSDD=${EARFUL_FSDD:-../shared/data/fsdd}
+mkdir -p "$OUT"
+if [ -d "$FSDD/recordings" ]; then
+  echo "== data: FSDD at $FSDD (train on 4 speakers, evaluate on yweweler, never heard in training)"
+  TRAIN=$OUT/train.jsonl EVAL=$OUT/eval.jsonl
+  $E data prepare fsdd "$FSDD" --out "$TRAIN" --speakers george,jackson,lucas,nicolas
+  $E data prepare fsdd "$FSDD" --out "$EVAL" --speakers yweweler
+  SAMPLES=("$FSDD/recordings/3_yweweler_7.wav" "$FSDD/recordings/8_yweweler_21.wav" "$FSDD/recordings/0_yweweler_42.wav")
+else
+  echo "== data: no FSDD at $FSDD; synthesising spoken digits with the bundled Piper voice"
+  $E data prepare tts-digits "$OUT/tts_train" --per-digit 20 --seed 0
+  $E data prepare tts-digits "$OUT/tts_eval" --per-digit 5 --seed 1
+  TRAIN=$OUT/tts_train/manifest.jsonl EVAL=$OUT/tts_eval/manifest.jsonl
+  SAMPLES=("$OUT"/tts_eval/recordings/3_*_0.wav "$OUT"/tts_eval/recordings/8_*_1.wav)
+fi
+echo "== train (progress below; the model lands in $OUT/model)"
+$E train recipes/digits.yaml --out "$OUT/model" --set data.train="$TRAIN" data.eval="$EVAL"
+echo "== evaluate on the held-out manifest"
+$E eval asr --model "$OUT/model" --data "$EVAL" --out "$OUT/eval_report.json"
+echo "== transcribe a sample"
+$E transcribe --model "$OUT/model" "${SAMPLES[@]}"

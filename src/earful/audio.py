@@ -1,0 +1,236 @@
+"""Audio input for every earful entry point: load, validate, mix to mono, resample.
+
+`load_audio` (a file) and `decode_audio_bytes` (an upload, a shard member) decode WAV, FLAC,
+OGG and MP3 with soundfile, mix channels to mono by their mean, resample with soxr and return
+a float32 1-D array. Bad input raises a subclass of `AudioError` whose message names the file,
+the problem and the fix, so a data run or a server request fails with a line a person can act on.
+
+Length limits are checked from the header before any sample is decoded: an hours-long file
+costs a header read, not its size in memory.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+logger = logging.getLogger(__name__)
+
+# A speech LM prompt is seconds to minutes long; longer recordings belong to segmentation.
+DEFAULT_MAX_SECONDS = 600.0
+
+# A decoded file may fall short of its header's frame count by this fraction before we call it
+# truncated: MP3 frame counts are estimates when the file has no Xing/LAME header.
+_SHORTFALL_TOLERANCE = 0.10
+
+
+class AudioError(Exception):
+    """Audio that earful cannot use. `path` names the file (or upload), `reason` says why."""
+
+    def __init__(self, path: str | Path, reason: str):
+        # args=(path, reason) keeps the exception picklable across worker processes.
+        super().__init__(str(path), reason)
+        self.path = str(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+class AudioNotFound(AudioError):
+    """The path does not exist or is a directory."""
+
+
+class AudioEmpty(AudioError):
+    """Zero bytes, or a valid header with zero samples."""
+
+
+class AudioCorrupt(AudioError):
+    """A known audio container (WAV, FLAC, OGG, MP3) that is truncated or damaged."""
+
+
+class AudioNotAudio(AudioError):
+    """Bytes that are no audio format at all (text, an image, ... named .wav)."""
+
+
+class AudioNonFinite(AudioError):
+    """NaN or infinite samples (possible in float WAV/FLAC files)."""
+
+
+class AudioTooLong(AudioError):
+    """Longer than `max_seconds`."""
+
+
+class AudioTooShort(AudioError):
+    """Shorter than `min_seconds`."""
+
+
+def load_audio(
+    path: str | Path,
+    sampling_rate: int = 16000,
+    *,
+    max_seconds: float | None = DEFAULT_MAX_SECONDS,
+    min_seconds: float = 0.0,
+) -> np.ndarray:
+    """Read an audio file as float32 mono at `sampling_rate`, shape (T,).
+
+    `max_seconds=None` lifts the length limit; `min_seconds=0` (default) accepts any length.
+    Raises a subclass of `AudioError` for any file that cannot be used.
+    """
+    path = Path(path)
+    with _open_file(path) as f:
+        return _decode(f, str(path), sampling_rate, max_seconds, min_seconds)
+
+
+def decode_audio_bytes(
+    data: bytes,
+    sampling_rate: int = 16000,
+    *,
+    name: str = "<bytes>",
+    max_seconds: float | None = DEFAULT_MAX_SECONDS,
+    min_seconds: float = 0.0,
+) -> np.ndarray:
+    """`load_audio` for audio already in memory; `name` stands for the file in error messages."""
+    return _decode(io.BytesIO(bytes(data)), name, sampling_rate, max_seconds, min_seconds)
+
+
+def audio_duration(path: str | Path) -> float:
+    """Length in seconds, read from the header without decoding (raises like `load_audio`)."""
+    path = Path(path)
+    with _open_file(path) as f, _open_header(f, str(path)) as sfile:
+        return sfile.frames / sfile.samplerate
+
+
+def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    """Resample (T,) or (T, C) audio from `orig_sr` to `target_sr` Hz with soxr "HQ"; float32."""
+    if orig_sr <= 0 or target_sr <= 0:
+        raise ValueError(f"sampling rates must be positive, got {orig_sr} -> {target_sr}")
+    audio = np.asarray(audio, dtype=np.float32)
+    if orig_sr == target_sr:
+        return audio
+    return soxr.resample(audio, orig_sr, target_sr, quality="HQ").astype(np.float32, copy=False)
+
+
+def _open_file(path: Path) -> BinaryIO:
+    if path.is_dir():
+        raise AudioNotFound(path, "is a directory, not an audio file")
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise AudioNotFound(path, "no such file; check the path (manifest paths are relative "
+                                  "to the manifest's folder)") from None
+    except OSError as err:
+        raise AudioError(path, f"cannot be read: {err.strerror}") from err
+
+
+def _open_header(f: BinaryIO, name: str) -> sf.SoundFile:
+    """Open `f` with soundfile after checks that soundfile does not make itself."""
+    head = f.read(16)
+    if not head:
+        raise AudioEmpty(name, "file is empty (0 bytes); re-export or re-download it")
+    _check_wav_data_complete(f, name)
+    f.seek(0)
+    try:
+        sfile = sf.SoundFile(f)
+    except (sf.SoundFileError, RuntimeError) as err:
+        raise _open_error(name, head, err) from err
+    if sfile.frames == 0:
+        sfile.close()
+        raise AudioEmpty(name, f"valid {sfile.format} header but no samples (empty recording)")
+    return sfile
+
+
+def _decode(f: BinaryIO, name: str, sampling_rate: int,
+            max_seconds: float | None, min_seconds: float) -> np.ndarray:
+    with _open_header(f, name) as sfile:
+        rate, frames, fmt = sfile.samplerate, sfile.frames, sfile.format
+        seconds = frames / rate
+        if max_seconds is not None and seconds > max_seconds:
+            raise AudioTooLong(name, f"{seconds:.1f} s long, more than max_seconds={max_seconds}; "
+                                     "split it into shorter segments or raise max_seconds")
+        if seconds < min_seconds:
+            raise AudioTooShort(name, f"{seconds:.3f} s long, less than min_seconds={min_seconds}; "
+                                      "drop it or lower min_seconds")
+        try:
+            audio = sfile.read(dtype="float32", always_2d=True)  # (T, C)
+        except (sf.SoundFileError, RuntimeError) as err:
+            raise AudioCorrupt(name, f"truncated or corrupt {fmt} file: decoding failed "
+                                     f"({_libsndfile_reason(err)}); re-export or re-download it"
+                               ) from err
+
+    if len(audio) < (1 - _SHORTFALL_TOLERANCE) * frames:
+        raise AudioCorrupt(name, f"truncated {fmt} file: header says {seconds:.2f} s but only "
+                                 f"{len(audio) / rate:.2f} s could be decoded; "
+                                 "re-export or re-download it")
+    bad = ~np.isfinite(audio)
+    if bad.any():
+        first = np.argwhere(bad)[0, 0] / rate
+        raise AudioNonFinite(name, f"{int(bad.sum())} NaN/inf samples, the first at {first:.3f} s; "
+                                   "the file was written from broken float data, regenerate it")
+    logger.debug("%s: %s, %d Hz, %d channel(s), %.2f s", name, fmt, rate, audio.shape[1], seconds)
+    return resample(audio.mean(axis=1), rate, sampling_rate)  # (T, C) -> (T,)
+
+
+def _check_wav_data_complete(f: BinaryIO, name: str) -> None:
+    """Raise `AudioCorrupt` if a RIFF/WAVE file holds fewer data bytes than its header declares.
+
+    libsndfile shortens such a file's length to the bytes present without a word, so a
+    half-downloaded WAV would otherwise load as a silently cut clip.
+    """
+    f.seek(0)
+    riff = f.read(12)
+    if riff[:4] != b"RIFF" or riff[8:12] != b"WAVE":
+        return
+    while len(chunk := f.read(8)) == 8:
+        size = int.from_bytes(chunk[4:], "little")
+        if chunk[:4] == b"data":
+            start = f.tell()
+            available = f.seek(0, io.SEEK_END) - start
+            # Streaming writers leave the size 0 or 0xFFFFFFFF: "unknown", not a truncation.
+            if size not in (0, 0xFFFFFFFF) and available < size:
+                raise AudioCorrupt(name, f"truncated WAV file: header declares {size} bytes of "
+                                         f"samples but only {available} ({available / size:.0%}) "
+                                         "are present; re-export or re-download it")
+            return
+        f.seek(size + size % 2, io.SEEK_CUR)  # chunks are padded to an even size
+
+
+def _audio_container(head: bytes) -> str | None:
+    """Name the container from its first bytes; used only to word an error after soundfile failed."""
+    if head[:4] in (b"RIFF", b"RF64") and head[8:12] in (b"WAVE", b""):
+        return "WAV"
+    if head[:4] == b"fLaC":
+        return "FLAC"
+    if head[:4] == b"OggS":
+        return "OGG"
+    if head[:3] == b"ID3" or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
+        return "MP3"  # an ID3 tag or an MPEG frame sync
+    return None
+
+
+_NOT_AUDIO = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"%PDF": "a PDF",
+              b"PK\x03\x04": "a ZIP archive", b"<": "HTML or XML (an error page saved as audio?)"}
+
+
+def _open_error(name: str, head: bytes, err: Exception) -> AudioError:
+    container = _audio_container(head)
+    if container is not None:
+        return AudioCorrupt(name, f"truncated or corrupt {container} file "
+                                  f"({_libsndfile_reason(err)}); re-export or re-download it")
+    looks_like = next((what for magic, what in _NOT_AUDIO.items() if head.startswith(magic)), None)
+    if looks_like is None and all(32 <= b < 127 or b in b"\t\n\r" for b in head):
+        looks_like = "text"
+    found = looks_like or f"unknown bytes {head[:8]!r}"
+    return AudioNotAudio(name, f"not an audio file: expected WAV, FLAC, OGG or MP3 but found "
+                               f"{found}; check that the file is a recording")
+
+
+def _libsndfile_reason(err: Exception) -> str:
+    # LibsndfileError's str() starts with "Error opening <_io.BytesIO object at 0x...>: ".
+    return getattr(err, "error_string", str(err)).strip().rstrip(".")

@@ -1,0 +1,82 @@
+"""Datasets over manifests, and batches grouped by length (padding is wasted compute)."""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+import torch
+
+from ..audio import load_audio
+from .manifest import Utterance
+
+AUDIO_TOKEN = "<|audio|>"
+
+
+def prompt_of(u: Utterance, default_prompt: str) -> str:
+    """The user turn for an utterance: its own `prompt` (audio first unless it places `<|audio|>`)."""
+    if not u.prompt:
+        return default_prompt
+    return u.prompt if AUDIO_TOKEN in u.prompt else f"{AUDIO_TOKEN}\n{u.prompt}"
+
+
+def response_of(u: Utterance) -> str:
+    """The target: an instruction's `response`, else the transcript (ASR)."""
+    return u.response if u.response is not None else u.text
+
+
+class SpeechDataset(torch.utils.data.Dataset):
+    """Utterances with their audio loaded (validated, mono, resampled) through `earful.audio`."""
+
+    def __init__(self, utterances: list[Utterance], sampling_rate: int, default_prompt: str, max_seconds: float | None = None):
+        self.utterances = utterances
+        self.sampling_rate = sampling_rate
+        self.default_prompt = default_prompt
+        self.max_seconds = max_seconds
+
+    def __len__(self) -> int:
+        return len(self.utterances)
+
+    def __getitem__(self, i: int) -> dict:
+        u = self.utterances[i]
+        return {
+            "index": i,
+            "audio": load_audio(u.audio, self.sampling_rate, max_seconds=self.max_seconds),
+            "prompt": prompt_of(u, self.default_prompt),
+            "response": response_of(u),
+        }
+
+    def lengths(self) -> list[float]:
+        """Durations for length grouping (from the manifest, else 0: grouping then degrades to random)."""
+        return [u.duration or 0.0 for u in self.utterances]
+
+
+def length_grouped_batches(lengths: list[float], batch_size: int, seed: int, shuffle: bool = True) -> list[list[int]]:
+    """Batches of similar length, in random order.
+
+    Shuffle, cut into mega-batches of 50 batches, sort each by length and cut into batches: every
+    batch holds clips of similar length (little padding) while the order stays random, as in
+    transformers' LengthGroupedSampler. Deterministic for a given seed, which makes resume exact.
+    """
+    order = list(range(len(lengths)))
+    rng = random.Random(seed)
+    if shuffle:
+        rng.shuffle(order)
+    mega = batch_size * 50
+    batches = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start : start + mega], key=lambda i: lengths[i], reverse=True)
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    if shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+def infinite_batches(lengths: list[float], batch_size: int, seed: int, start_epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[int, int, list[int]]]:
+    """(epoch, batch index, indices) forever, epoch e shuffled with seed + e; resumable at any position."""
+    epoch = start_epoch
+    while True:
+        batches = length_grouped_batches(lengths, batch_size, seed + epoch)
+        for b in range(start_batch if epoch == start_epoch else 0, len(batches)):
+            yield epoch, b, batches[b]
+        epoch += 1

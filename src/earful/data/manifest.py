@@ -1,0 +1,83 @@
+"""Manifests: JSON Lines, one utterance a line — the contract every stage reads and writes.
+
+Fields: `audio` (path, relative to the manifest's folder or absolute), `text` (transcript, may be
+empty), optional `id`, `speaker`, `duration` (seconds), `prompt` / `response` (instruction data).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used: missing, empty, or a line that is not a valid utterance."""
+
+
+@dataclass
+class Utterance:
+    audio: str  # absolute path once read
+    text: str = ""
+    id: str | None = None
+    speaker: str | None = None
+    duration: float | None = None
+    prompt: str | None = None
+    response: str | None = None
+
+    def to_json(self, relative_to: Path | None = None) -> dict:
+        row = {k: v for k, v in asdict(self).items() if v is not None}
+        if relative_to is not None:
+            try:
+                row["audio"] = os.path.relpath(self.audio, relative_to)
+            except ValueError:  # another drive on Windows
+                pass
+        return row
+
+
+def read_manifest(path: str | Path) -> list[Utterance]:
+    """All utterances of a manifest, with `audio` made absolute. Errors name the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found")
+    rows = []
+    known = set(Utterance.__dataclass_fields__)
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ManifestError(f"{path}:{n}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("audio"), str):
+                raise ManifestError(f"{path}:{n}: each line needs an 'audio' path")
+            row = {k: v for k, v in row.items() if k in known}
+            audio = Path(row["audio"])
+            row["audio"] = str(audio if audio.is_absolute() else (path.parent / audio).resolve())
+            rows.append(Utterance(**row))
+    if not rows:
+        raise ManifestError(f"{path}: manifest holds no utterances")
+    return rows
+
+
+def write_manifest(utterances: Iterable[Utterance], path: str | Path, relative: bool = True) -> int:
+    """Write atomically (temp file + rename): a crash never leaves a half-written manifest."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for u in utterances:
+                row = u.to_json(path.parent.resolve() if relative else None)
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return n

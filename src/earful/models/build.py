@@ -1,0 +1,111 @@
+"""Assemble a listening LM from pretrained parts, or load a trained one from its folder."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from ..pretrained import resolve
+from .configuration import AUDIO_TOKEN, SpeechLMConfig
+from .encoders import load_encoder_weights
+from .listening import SpeechLMForConditionalGeneration
+from .processing import PromptFormat, SpeechLMProcessor
+
+logger = logging.getLogger(__name__)
+
+
+def add_audio_token(tokenizer) -> int:
+    """Add `<|audio|>` as a special token (idempotent) and return its id."""
+    tokenizer.add_special_tokens({"additional_special_tokens": [AUDIO_TOKEN]}, replace_extra_special_tokens=False)
+    return tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+
+
+def assemble(
+    encoder_config: PretrainedConfig,
+    text_config: PretrainedConfig,
+    tokenizer,
+    feature_extractor,
+    *,
+    stack_factor: int = 4,
+    projector_hidden_size: int = 1024,
+    prompt_format: PromptFormat | None = None,
+    encoder_spec: str | None = None,
+    text_spec: str | None = None,
+) -> tuple[SpeechLMForConditionalGeneration, SpeechLMProcessor]:
+    """A listening LM with randomly initialised parts of the given architectures (tests use tiny ones)."""
+    audio_token_id = add_audio_token(tokenizer)
+    config = SpeechLMConfig(
+        encoder_config=encoder_config,
+        text_config=text_config,
+        stack_factor=stack_factor,
+        projector_hidden_size=projector_hidden_size,
+        audio_token_id=audio_token_id,
+        encoder_spec=encoder_spec,
+        text_spec=text_spec,
+    )
+    model = SpeechLMForConditionalGeneration(config)
+    _fit_vocabulary(model, tokenizer)
+    return model, SpeechLMProcessor(tokenizer, feature_extractor, config, prompt_format)
+
+
+def _fit_vocabulary(model: SpeechLMForConditionalGeneration, tokenizer) -> None:
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        # New rows start at the mean of the old ones (transformers' default): the placeholder's own
+        # embedding is always overwritten by audio, but it must not be an outlier in the output layer.
+        model.language_model.resize_token_embeddings(len(tokenizer))
+    model.config.text_config = model.language_model.config
+    # Never generate the placeholder.
+    model.generation_config.suppress_tokens = [model.config.audio_token_id]
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def build_speech_lm(
+    encoder: str,
+    llm: str,
+    *,
+    stack_factor: int = 4,
+    projector_hidden_size: int = 1024,
+    prompt_format: PromptFormat | None = None,
+) -> tuple[SpeechLMForConditionalGeneration, SpeechLMProcessor]:
+    """A listening LM from two model specs (hub id, local folder or `bundled:NAME`).
+
+    The encoder and the LLM carry their pretrained weights; the projector starts untrained.
+    """
+    start = time.perf_counter()
+    enc_dir, llm_dir = resolve(encoder), resolve(llm)
+    tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+    model, processor = assemble(
+        AutoConfig.from_pretrained(enc_dir),
+        AutoConfig.from_pretrained(llm_dir),
+        tokenizer,
+        AutoFeatureExtractor.from_pretrained(enc_dir),
+        stack_factor=stack_factor,
+        projector_hidden_size=projector_hidden_size,
+        prompt_format=prompt_format,
+        encoder_spec=encoder,
+        text_spec=llm,
+    )
+    load_encoder_weights(model.audio_tower, enc_dir)
+    model.language_model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
+    _fit_vocabulary(model, tokenizer)
+    if getattr(model.language_model.generation_config, "eos_token_id", None) is not None:
+        model.generation_config.eos_token_id = model.language_model.generation_config.eos_token_id
+    logger.info("built listening LM from %s + %s in %.1f s", encoder, llm, time.perf_counter() - start)
+    return model, processor
+
+
+def load_speech_lm(folder: str | Path, device: str | torch.device = "cpu") -> tuple[SpeechLMForConditionalGeneration, SpeechLMProcessor]:
+    """A trained listening LM and its processor from a `save_pretrained` folder (or hub id)."""
+    folder = resolve(str(folder))
+    model = SpeechLMForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    return model, SpeechLMProcessor.from_pretrained(folder, model.config)
+
+
+def save_speech_lm(model: SpeechLMForConditionalGeneration, processor: SpeechLMProcessor, folder: str | Path) -> None:
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)

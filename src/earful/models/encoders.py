@@ -1,0 +1,147 @@
+"""Audio encoders behind one interface: features in, hidden frames and their mask out.
+
+Every encoder here is called as `encoder(input_features, input_features_mask)` and returns
+`(hidden, hidden_mask)`:
+
+    input_features       (B, F, T) log-mel frames (Whisper) or (B, T) raw samples (Wav2Vec2/HuBERT)
+    input_features_mask  (B, T)    1 where a feature frame / sample is real, 0 where it is padding
+    hidden               (B, T', C) encoder frames, C = `encoder_hidden_size(config)`
+    hidden_mask          (B, T')    bool, True on frames computed from real input
+
+`encoder_output_lengths` gives T' from T without running the encoder, so a processor can put the
+right number of `<|audio|>` placeholders in a prompt before the model sees it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModel, PretrainedConfig
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+# Encoders with a CTC-style convolutional front end over raw samples, loaded with AutoModel.
+WAVEFORM_ENCODERS = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "wav2vec2-bert")
+
+
+class WhisperShortEncoder(WhisperEncoder):
+    """Whisper's encoder without the 30 s padding that transformers' version insists on.
+
+    Whisper was trained on 30 s windows, and transformers refuses anything else. On one-second
+    clips that padding costs ~30x in compute. As in Ultravox, we slice the positional embeddings to
+    the input's length instead; padding inside a batch is masked out of attention (and zeroed
+    between the two convolutions) so a clip encodes the same alone or in a batch.
+    The state dict keys are those of `WhisperEncoder`, so real Whisper weights load unchanged.
+    """
+
+    def forward(
+        self,
+        input_features: torch.Tensor,
+        input_features_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutput:
+        B, F, T = input_features.shape
+        max_frames = self.max_source_positions * self.conv1.stride[0] * self.conv2.stride[0]
+        if T > max_frames:
+            raise ValueError(
+                f"Whisper's encoder takes at most {max_frames} mel frames ({max_frames // 100} s), "
+                f"found {T}: segment long audio first (earful data segment)"
+            )
+        if input_features_mask is None:
+            input_features_mask = torch.ones(B, T, dtype=torch.long, device=input_features.device)
+        frame_mask = input_features_mask.to(input_features.dtype).unsqueeze(1)  # (B, 1, T)
+
+        x = nn.functional.gelu(self.conv1(input_features * frame_mask))  # (B, C, T)
+        # Zero padded frames before the strided conv, as a clip alone would see conv padding zeros.
+        x = nn.functional.gelu(self.conv2(x * frame_mask))  # (B, C, T')
+        x = x.permute(0, 2, 1)  # (B, T', C)
+        T_out = x.shape[1]
+        x = x + self.embed_positions.weight[:T_out]
+        x = nn.functional.dropout(x, p=self.dropout, training=self.training)
+
+        hidden_mask = _strided_mask(input_features_mask, T_out)  # (B, T')
+        attention_mask = None
+        if not bool(hidden_mask.all()):
+            # Additive key mask (B, 1, T', T'): padded frames are never attended to.
+            attention_mask = torch.zeros(B, 1, T_out, T_out, dtype=x.dtype, device=x.device)
+            attention_mask.masked_fill_(~hidden_mask[:, None, None, :], torch.finfo(x.dtype).min)
+
+        for layer in self.layers:
+            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
+                continue
+            x = layer(x, attention_mask)
+        x = self.layer_norm(x)
+        return BaseModelOutput(last_hidden_state=x), hidden_mask
+
+
+def _strided_mask(input_mask: torch.Tensor, out_len: int) -> torch.Tensor:
+    """Mask of a stride-2 convolution's output: output frame j is real if input frame 2j is."""
+    lengths = (input_mask.sum(-1) + 1) // 2  # (B,)
+    return torch.arange(out_len, device=input_mask.device)[None, :] < lengths[:, None]
+
+
+class WaveformEncoder(nn.Module):
+    """Wav2Vec2 / HuBERT / WavLM: any transformers encoder over raw 16 kHz samples."""
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__()
+        self.model = AutoModel.from_config(config)
+        # A pretrained encoder carries a masked-spectrogram embedding for pre-training; we never mask.
+        self.model.config.mask_time_prob = 0.0
+        self.model.config.mask_feature_prob = 0.0
+
+    def forward(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None = None, **kwargs):
+        # Base wav2vec2 (group norm front end) was trained without attention masks; pass one
+        # only where the config says the model expects it, as transformers' docs advise.
+        use_mask = input_features_mask is not None and getattr(self.model.config, "feat_extract_norm", "layer") == "layer"
+        out = self.model(input_features, attention_mask=input_features_mask if use_mask else None)
+        T_out = out.last_hidden_state.shape[1]
+        if input_features_mask is None:
+            hidden_mask = torch.ones(out.last_hidden_state.shape[:2], dtype=torch.bool, device=input_features.device)
+        else:
+            lengths = self.model._get_feat_extract_output_lengths(input_features_mask.sum(-1))
+            hidden_mask = torch.arange(T_out, device=input_features.device)[None, :] < lengths[:, None]
+        return out, hidden_mask
+
+
+def build_audio_encoder(config: PretrainedConfig) -> nn.Module:
+    """An untrained encoder of the right architecture; weights come from `load_encoder_weights`."""
+    if config.model_type == "whisper":
+        return WhisperShortEncoder(config)
+    if config.model_type in WAVEFORM_ENCODERS:
+        return WaveformEncoder(config)
+    raise ValueError(
+        f"unsupported audio encoder type {config.model_type!r}: expected whisper or one of {', '.join(WAVEFORM_ENCODERS)}"
+    )
+
+
+def encoder_hidden_size(config: PretrainedConfig) -> int:
+    return config.d_model if config.model_type == "whisper" else config.hidden_size
+
+
+def encoder_output_lengths(config: PretrainedConfig, feature_lengths: torch.Tensor) -> torch.Tensor:
+    """Encoder frames T' produced from T feature frames (Whisper) or samples (waveform encoders)."""
+    if config.model_type == "whisper":
+        return (feature_lengths + 1) // 2  # conv2 has stride 2, padding 1
+    lengths = feature_lengths
+    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+        lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
+    return lengths
+
+
+def load_encoder_weights(encoder: nn.Module, folder: str) -> None:
+    """Copy a pretrained checkpoint's encoder weights into `encoder` (strictly: every tensor filled)."""
+    if isinstance(encoder, WhisperShortEncoder):
+        from transformers import WhisperModel
+
+        source = WhisperModel.from_pretrained(folder).get_encoder()
+        encoder.load_state_dict(source.state_dict(), strict=True)
+    else:
+        encoder.model = AutoModel.from_pretrained(folder)
+        encoder.model.config.mask_time_prob = 0.0
+        encoder.model.config.mask_feature_prob = 0.0
+
+
+def stacked_lengths(encoder_lengths: torch.Tensor, stack_factor: int) -> torch.Tensor:
+    return (encoder_lengths + stack_factor - 1) // stack_factor
+

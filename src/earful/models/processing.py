@@ -1,0 +1,172 @@
+"""`SpeechLMProcessor`: waveforms and prompts -> the tensors `SpeechLMForConditionalGeneration` takes.
+
+It owns the LLM's tokenizer (with `<|audio|>` added) and the encoder's feature extractor, and it
+writes one `<|audio|>` placeholder per audio position, so the model's count check always holds.
+Features are computed clip by clip, without padding to 30 s, then padded to the batch's longest
+clip with a mask (the encoder masks padding out, so a clip encodes the same alone or in a batch).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoFeatureExtractor, AutoTokenizer
+
+from .configuration import SpeechLMConfig
+from .encoders import encoder_output_lengths, stacked_lengths
+
+PROCESSOR_FILE = "earful_processor.json"
+DEFAULT_PROMPT = "Transcribe the audio: <|audio|>"
+
+
+@dataclass
+class PromptFormat:
+    """How a prompt is laid out around the audio."""
+
+    system_prompt: str | None = None  # None: the chat template's own default system message
+    use_chat_template: bool = True  # False: the prompt text goes in raw (base LMs without a template)
+
+
+class SpeechLMProcessor:
+    def __init__(self, tokenizer, feature_extractor, config: SpeechLMConfig, prompt_format: PromptFormat | None = None):
+        self.tokenizer = tokenizer
+        self.feature_extractor = feature_extractor
+        self.config = config
+        self.prompt_format = prompt_format or PromptFormat()
+        if self.prompt_format.use_chat_template and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "the LLM's tokenizer has no chat template: set prompt_format.use_chat_template=false (model.chat_template: false in a recipe)"
+            )
+
+    @property
+    def sampling_rate(self) -> int:
+        return self.feature_extractor.sampling_rate
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, config: SpeechLMConfig | None = None) -> SpeechLMProcessor:
+        folder = Path(folder)
+        config = config or SpeechLMConfig.from_pretrained(folder)
+        fmt_path = folder / PROCESSOR_FILE
+        fmt = PromptFormat(**json.loads(fmt_path.read_text())) if fmt_path.exists() else PromptFormat()
+        return cls(AutoTokenizer.from_pretrained(folder), AutoFeatureExtractor.from_pretrained(folder), config, fmt)
+
+    @staticmethod
+    def from_pretrained_sampling_rate(folder: str | Path) -> int:
+        """The audio rate a saved model wants, read without loading anything heavy."""
+        from ..pretrained import resolve
+
+        path = Path(resolve(str(folder))) / "preprocessor_config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path.parent}: not an earful model folder (no preprocessor_config.json)")
+        return int(json.loads(path.read_text())["sampling_rate"])
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        self.tokenizer.save_pretrained(folder)
+        self.feature_extractor.save_pretrained(folder)
+        (folder / PROCESSOR_FILE).write_text(json.dumps(asdict(self.prompt_format), indent=2) + "\n")
+
+    # -- audio -----------------------------------------------------------------------------------
+    def _features_of(self, wave: np.ndarray) -> np.ndarray:
+        """One clip's features, time on the last axis: (F, T) mel frames or (T,) samples."""
+        kwargs = {"sampling_rate": self.sampling_rate, "return_tensors": "np"}
+        if self.config.encoder_config.model_type == "whisper":
+            out = self.feature_extractor(wave, padding="longest", **kwargs)  # no 30 s padding
+        else:
+            out = self.feature_extractor(wave, **kwargs)
+        key = "input_features" if "input_features" in out else "input_values"
+        return out[key][0]
+
+    def featurize(self, waves: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        """Waveforms at `sampling_rate` -> padded `input_features` (B, F, T) or (B, T) and mask (B, T)."""
+        feats = [self._features_of(w) for w in waves]
+        lengths = [f.shape[-1] for f in feats]
+        T = max(lengths)
+        batch = np.zeros((len(feats), *feats[0].shape[:-1], T), dtype=np.float32)
+        mask = np.zeros((len(feats), T), dtype=np.int64)
+        for i, (f, n) in enumerate(zip(feats, lengths)):
+            batch[i, ..., :n] = f
+            mask[i, :n] = 1
+        return {"input_features": torch.from_numpy(batch), "input_features_mask": torch.from_numpy(mask)}
+
+    def audio_positions(self, feature_lengths: torch.Tensor) -> torch.Tensor:
+        """LLM positions each clip takes, from its feature length."""
+        return stacked_lengths(encoder_output_lengths(self.config.encoder_config, feature_lengths), self.config.stack_factor)
+
+    # -- text ------------------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str, n_audio: int) -> list[int]:
+        """Token ids of a user turn holding one `<|audio|>`, expanded to `n_audio` placeholders."""
+        token = self.config.audio_token
+        if prompt.count(token) != 1:
+            raise ValueError(f"a prompt must hold exactly one {token} placeholder, found {prompt.count(token)} in {prompt!r}")
+        if self.prompt_format.use_chat_template:
+            messages = [{"role": "user", "content": prompt}]
+            if self.prompt_format.system_prompt is not None:
+                messages.insert(0, {"role": "system", "content": self.prompt_format.system_prompt})
+            prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = prompt.replace(token, token * n_audio)
+        return self.tokenizer(text, add_special_tokens=not self.prompt_format.use_chat_template)["input_ids"]
+
+    def response_ids(self, response: str) -> list[int]:
+        """The answer's tokens and the end-of-turn token, which teaches the model to stop."""
+        ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
+        return ids + [self.tokenizer.eos_token_id]
+
+    def __call__(
+        self,
+        audio: list[np.ndarray] | None = None,
+        prompts: list[str] | str = DEFAULT_PROMPT,
+        responses: list[str] | None = None,
+        audio_features: dict[str, torch.Tensor] | None = None,
+        padding_side: str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Build a batch. With `responses`, `labels` cover the response tokens only (-100 elsewhere).
+
+        `audio_features` may replace `audio` when features are already computed (the trainer
+        caches them). Padding is on the right for training, on the left for generation.
+        """
+        features = audio_features if audio_features is not None else self.featurize(audio)
+        n_audio = self.audio_positions(features["input_features_mask"].sum(-1)).tolist()
+        return {**self.text_batch(prompts, n_audio, responses, padding_side), **features}
+
+    def text_batch(
+        self,
+        prompts: list[str] | str,
+        n_audio: list[int],
+        responses: list[str] | None = None,
+        padding_side: str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """`input_ids`, `attention_mask` (and `labels` with responses) for clips of `n_audio` positions."""
+        B = len(n_audio)
+        prompts = [prompts] * B if isinstance(prompts, str) else list(prompts)
+        rows, label_rows = [], []
+        for i in range(B):
+            ids = self.prompt_ids(prompts[i], n_audio[i])
+            labels = [-100] * len(ids)
+            if responses is not None:
+                answer = self.response_ids(responses[i])
+                ids, labels = ids + answer, labels + answer
+            rows.append(ids)
+            label_rows.append(labels)
+        padding_side = padding_side or ("right" if responses is not None else "left")
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        L = max(len(r) for r in rows)
+        input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((B, L), dtype=torch.long)
+        labels = torch.full((B, L), -100, dtype=torch.long)
+        for i, (ids, lab) in enumerate(zip(rows, label_rows)):
+            span = slice(0, len(ids)) if padding_side == "right" else slice(L - len(ids), L)
+            input_ids[i, span] = torch.tensor(ids)
+            attention_mask[i, span] = 1
+            labels[i, span] = torch.tensor(lab)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if responses is not None:
+            batch["labels"] = labels
+        return batch
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]

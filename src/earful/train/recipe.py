@@ -1,0 +1,152 @@
+"""Recipes: one YAML file = one reproducible run, read into typed dataclasses.
+
+`--set section.key=value` overrides any field (the value is parsed as YAML, so `3`, `1e-3`,
+`true` and `null` mean what they say). Every problem in a recipe is reported at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from ..models.processing import DEFAULT_PROMPT
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message lists every problem found."""
+
+
+@dataclass
+class ModelRecipe:
+    encoder: str = "bundled:whisper-tiny.en"  # model spec: hub id, local folder or bundled:NAME
+    llm: str = "bundled:smollm2-135m-instruct"  # model spec of the causal LM
+    init_from: str | None = None  # a trained earful folder to continue from (encoder/llm then unused)
+    stack_factor: int = 4  # encoder frames per LLM position: 50 Hz / 4 = 12.5 Hz for Whisper
+    projector_hidden_size: int = 1024  # the projector MLP's hidden width
+    system_prompt: str | None = None  # null: the chat template's own default system message
+    chat_template: bool = True  # false for base LMs without a chat template
+    freeze_encoder: bool = True  # frozen encoder outputs are computed once and cached
+    freeze_projector: bool = False
+    freeze_decoder: bool = True  # keeps the LLM's text ability intact
+    gradient_checkpointing: bool = False  # trade compute for memory in the trained parts
+
+
+@dataclass
+class DataRecipe:
+    train: str | None = None  # manifest (JSONL) to train on
+    eval: str | None = None  # manifest for periodic evaluation (loss)
+    prompt: str = DEFAULT_PROMPT  # user turn for utterances without their own prompt
+    max_seconds: float = 30.0  # longer clips are refused (Whisper's window)
+
+
+@dataclass
+class TrainRecipe:
+    max_steps: int = 200  # optimizer steps
+    batch_size: int = 16  # utterances per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.0
+    warmup_steps: int = 20  # linear warm-up, then cosine decay to 0 at max_steps
+    max_grad_norm: float = 1.0  # gradient clipping
+    eval_every: int = 50  # steps between evaluations (0: only at the end)
+    save_every: int = 100  # steps between resumable checkpoints (0: never)
+    log_every: int = 10  # steps between log lines
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    num_threads: int | None = None  # torch CPU threads (null: torch's default)
+
+
+@dataclass
+class Recipe:
+    model: ModelRecipe = field(default_factory=ModelRecipe)
+    data: DataRecipe = field(default_factory=DataRecipe)
+    train: TrainRecipe = field(default_factory=TrainRecipe)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_type(value: Any, hint: Any) -> bool:
+    allowed = getattr(hint, "__args__", (hint,))
+    if value is None:
+        return type(None) in allowed
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return True
+    return any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in allowed if t is not type(None))
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`a.b=value` strings -> a nested dict, values parsed as YAML."""
+    tree: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise RecipeError(f"--set {pair!r}: expected section.key=value")
+        key, raw = pair.split("=", 1)
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    return tree
+
+
+def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
+    """Typed recipe from a dict; unknown sections or keys and wrong types are all reported at once."""
+    problems = []
+    sections = {}
+    for name, cls in get_type_hints(Recipe).items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            problems.append(f"{name}: expected a mapping, found {values!r}")
+            continue
+        hints = get_type_hints(cls)
+        for key, value in values.items():
+            if key not in hints:
+                problems.append(f"{name}.{key}: unknown key (known: {', '.join(hints)})")
+            elif not _check_type(value, hints[key]):
+                problems.append(f"{name}.{key}: expected {hints[key]}, found {value!r}")
+        sections[name] = cls(**{k: (float(v) if hints.get(k) is float and isinstance(v, int) else v) for k, v in values.items() if k in hints})
+    for name in raw:
+        if name not in get_type_hints(Recipe):
+            problems.append(f"{name}: unknown section (known: model, data, train)")
+    if not problems:
+        recipe = Recipe(**sections)
+        t = recipe.train
+        for key in ("max_steps", "batch_size", "grad_accum"):
+            if getattr(t, key) < 1:
+                problems.append(f"train.{key}: must be >= 1, found {getattr(t, key)}")
+        if t.precision not in ("auto", "bf16", "fp32"):
+            problems.append(f"train.precision: expected auto, bf16 or fp32, found {t.precision!r}")
+        if recipe.data.train is None:
+            problems.append("data.train: no training manifest (set it in the recipe or with --set data.train=M.jsonl)")
+        if recipe.data.prompt.count("<|audio|>") != 1:
+            problems.append(f"data.prompt: must hold exactly one <|audio|>, found {recipe.data.prompt!r}")
+    if problems:
+        raise RecipeError(f"{source}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+    return recipe
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, dict) and isinstance(out.get(k, {}), dict) else v
+    return out
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe file and apply `--set` overrides. Relative manifest paths stay as given."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: expected a mapping of sections (model, data, train)")
+    return build_recipe(_merge(raw, parse_overrides(list(overrides))), str(path))

@@ -1,0 +1,81 @@
+"""Shared fixtures: real FSDD speech (skipped with a reason where absent) and tiny models.
+
+Tiny models are built from configs, as transformers tests its own models; they use the real
+SmolLM2 tokenizer and Whisper feature extractor from the bundled weights (converted once into the
+earful cache), so prompts, chat templates and mel features are the real ones.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: fail fast instead of retrying
+
+ROOT = Path(__file__).resolve().parents[1]
+FSDD = Path(os.environ.get("EARFUL_FSDD", ROOT.parent / "shared" / "data" / "fsdd"))
+FSDD_REC = FSDD / "recordings"
+SPEAKERS = ("george", "jackson", "lucas", "nicolas", "yweweler")
+
+
+def fsdd_available() -> bool:
+    return FSDD_REC.is_dir() and any(FSDD_REC.glob("*.wav"))
+
+
+@pytest.fixture(scope="session")
+def fsdd() -> Path:
+    if not fsdd_available():
+        pytest.skip(f"FSDD not found at {FSDD} (set EARFUL_FSDD to the folder holding recordings/)")
+    return FSDD
+
+
+def fsdd_clip(name: str, sampling_rate: int = 16000) -> np.ndarray:
+    from earful.audio import load_audio
+
+    return load_audio(FSDD_REC / name, sampling_rate)
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> str:
+    from earful.pretrained import resolve
+
+    return resolve("bundled:smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def whisper_dir() -> str:
+    from earful.pretrained import resolve
+
+    return resolve("bundled:whisper-tiny.en")
+
+
+def tiny_configs(vocab_size: int):
+    from transformers import LlamaConfig, WhisperConfig
+
+    enc = WhisperConfig(
+        d_model=32, encoder_layers=2, encoder_attention_heads=2, decoder_layers=1, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80, vocab_size=100,
+    )
+    txt = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=vocab_size, tie_word_embeddings=True, max_position_embeddings=512,
+    )
+    return enc, txt
+
+
+@pytest.fixture
+def tiny_lm(smol_dir, whisper_dir):
+    """A tiny random listening LM with the real tokenizer and feature extractor."""
+    from transformers import AutoFeatureExtractor, AutoTokenizer
+
+    from earful.models.build import assemble
+
+    tok = AutoTokenizer.from_pretrained(smol_dir)
+    enc, txt = tiny_configs(len(tok))
+    torch.manual_seed(0)
+    model, processor = assemble(enc, txt, tok, AutoFeatureExtractor.from_pretrained(whisper_dir), stack_factor=2, projector_hidden_size=48)
+    return model.eval(), processor
