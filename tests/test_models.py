@@ -125,7 +125,7 @@ def test_save_and_reload_give_the_same_logits(fsdd, tiny_lm, tmp_path):
 def test_freezing_and_gradient_checkpointing_train_only_the_projector(fsdd, tiny_lm):
     model, processor = tiny_lm
     model.freeze(encoder=True, decoder=True)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable({"use_reentrant": False})
     model.train()
     batch = processor([fsdd_clip(c) for c in CLIPS], responses=["seven", "three", "zero"])
     model(**batch).loss.backward()

@@ -65,8 +65,10 @@ BUNDLED_PREFIX = "bundled:"
 
 # Written last into a converted folder. Bump CONVERTER_VERSION when a conversion changes what it
 # writes: folders made by an older converter are then converted again instead of trusted.
+# (2: SmolLM2's tokenizer carries the model's context length; Whisper's decoding settings live
+# in generation_config.json only, without the deprecated forced_decoder_ids.)
 MARKER_FILE = "earful-bundled.json"
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 
 
 class ModelSpecError(ValueError):
@@ -629,5 +631,7 @@ def convert_smollm2(package_dir: Path, out_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=_SMOLLM2_GGUF)
     if not tokenizer.chat_template:
         raise ValueError(f"{gguf_path}: the GGUF carries no chat template")
+    # The GGUF tokenizer has no length limit (1e30); the model's context is what truncation needs.
+    tokenizer.model_max_length = config.max_position_embeddings
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

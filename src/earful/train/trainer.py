@@ -66,7 +66,7 @@ def build_model(recipe: Recipe) -> tuple[SpeechLMForConditionalGeneration, Speec
         )
     model.freeze(encoder=m.freeze_encoder, projector=m.freeze_projector, decoder=m.freeze_decoder)
     if m.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     return model, processor
 
 
