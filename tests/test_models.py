@@ -75,6 +75,13 @@ def test_placeholders_labels_and_padding(fsdd, tiny_lm):
     assert gen["attention_mask"][:, -1].all() and "labels" not in gen
 
 
+def test_training_loss_equals_the_forward_loss(fsdd, tiny_lm):
+    model, processor = tiny_lm
+    batch = processor([fsdd_clip(c) for c in CLIPS], responses=["seven", "three", "zero"])
+    with torch.no_grad():
+        torch.testing.assert_close(model.training_loss(**batch), model(**batch).loss)
+
+
 def test_placeholder_count_mismatch_is_a_clear_error(fsdd, tiny_lm):
     model, processor = tiny_lm
     batch = processor([fsdd_clip(CLIPS[0])])

@@ -71,11 +71,10 @@ def eval_asr(model: str, data: str, out: str, batch_size: int = 16, prompt: str 
     from .data.manifest import read_manifest
     from .eval.asr import evaluate_asr, write_report
     from .models.build import load_speech_lm
-    from .models.processing import DEFAULT_PROMPT
 
     utts = read_manifest(data)[:limit] if limit else read_manifest(data)
     lm, processor = load_speech_lm(model)
-    report = evaluate_asr(lm, processor, utts, prompt=prompt or DEFAULT_PROMPT, batch_size=batch_size)
+    report = evaluate_asr(lm, processor, utts, prompt=prompt or processor.prompt_format.default_prompt, batch_size=batch_size)
     report = {"model": str(model), "data": str(data), **report}
     write_report(report, out)
     print(f"WER {report['wer']:.4f}  CER {report['cer']:.4f}  accuracy {report['accuracy']:.4f}  "
@@ -100,7 +99,7 @@ def transcribe(model: str, files: list[str], prompt: str | None = None, batch_si
     """Print 'FILE<TAB>transcript' for each audio file. Unreadable files are reported and skipped."""
     from .eval.asr import generate_text
     from .models.build import load_speech_lm
-    from .models.processing import DEFAULT_PROMPT, SpeechLMProcessor
+    from .models.processing import SpeechLMProcessor
 
     # Check every file before paying for the model; the processor says which rate it wants.
     sr = SpeechLMProcessor.from_pretrained_sampling_rate(model)
@@ -108,7 +107,7 @@ def transcribe(model: str, files: list[str], prompt: str | None = None, batch_si
     if waves:
         lm, processor = load_speech_lm(model)
         for start in range(0, len(waves), batch_size):
-            texts = generate_text(lm, processor, waves[start : start + batch_size], prompt or DEFAULT_PROMPT)
+            texts = generate_text(lm, processor, waves[start : start + batch_size], prompt or processor.prompt_format.default_prompt)
             for name, text in zip(names[start : start + batch_size], texts):
                 print(f"{name}\t{text}")
     return 1 if failures else 0
@@ -120,16 +119,16 @@ def chat(model: str, audio: str, prompt: str | None = None, max_new_tokens: int 
     from .data.dataset import AUDIO_TOKEN
     from .eval.asr import generate_text
     from .models.build import load_speech_lm
-    from .models.processing import DEFAULT_PROMPT, SpeechLMProcessor
+    from .models.processing import SpeechLMProcessor
 
     sr = SpeechLMProcessor.from_pretrained_sampling_rate(model)
     waves, _, failures = _load_clips([audio], sr)
     if failures:
         return 1
-    text = prompt or DEFAULT_PROMPT
+    lm, processor = load_speech_lm(model)
+    text = prompt or processor.prompt_format.default_prompt
     if AUDIO_TOKEN not in text:
         text = f"{AUDIO_TOKEN}\n{text}"
-    lm, processor = load_speech_lm(model)
     kwargs = {"do_sample": True, "temperature": temperature} if sample else {"num_beams": num_beams}
     print(generate_text(lm, processor, waves, text, max_new_tokens=max_new_tokens, **kwargs)[0])
     return 0

@@ -159,6 +159,41 @@ class SpeechLMForConditionalGeneration(SpeechLMPreTrainedModel, GenerationMixin)
             )
         return inputs_embeds.masked_scatter(slots.unsqueeze(-1), audio_embeds.to(inputs_embeds.dtype))
 
+    def embed_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        audio_hidden_states: torch.Tensor | None = None,
+        audio_hidden_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings (B, L, D) with the projected audio in the `<|audio|>` slots."""
+        inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, L, D)
+        if input_features is not None and audio_hidden_states is None:
+            audio_hidden_states, audio_hidden_mask = self.encode_audio(input_features, input_features_mask)
+        if audio_hidden_states is not None:
+            embeds, mask = self.project_audio(audio_hidden_states, audio_hidden_mask)  # (B, S, D)
+            inputs_embeds = self._merge_audio(input_ids, inputs_embeds, embeds[mask])
+        return inputs_embeds
+
+    def training_loss(self, labels: torch.LongTensor, attention_mask: torch.Tensor | None = None, **audio_and_ids) -> torch.Tensor:
+        """Mean next-token loss, computing the output layer only where a label is.
+
+        Same value as `forward(...).loss`, cheaper: with a 49k-token vocabulary the output layer is
+        ~20% of a small LLM's compute, and most positions (prompt, audio) carry no label.
+        LLMs whose causal-LM head does more than a linear layer (e.g. Gemma's logit soft-capping)
+        take the ordinary path.
+        """
+        text_config = self.config.text_config
+        if getattr(text_config, "final_logit_softcapping", None):
+            return self(labels=labels, attention_mask=attention_mask, **audio_and_ids).loss
+        inputs_embeds = self.embed_inputs(**audio_and_ids)
+        hidden = self.language_model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        targets = labels[:, 1:]  # (B, L-1)
+        keep = targets != -100
+        logits = self.get_output_embeddings()(hidden[:, :-1][keep])  # (n_labelled, V)
+        return nn.functional.cross_entropy(logits.float(), targets[keep])
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -183,15 +218,7 @@ class SpeechLMForConditionalGeneration(SpeechLMPreTrainedModel, GenerationMixin)
         targets, -100 where no loss is taken; the loss is the mean over the other tokens.
         """
         if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, L, D)
-        if input_features is not None and audio_hidden_states is None:
-            audio_hidden_states, audio_hidden_mask = self.encode_audio(input_features, input_features_mask)
-        if audio_hidden_states is not None:
-            if input_ids is None:
-                raise ValueError("audio needs input_ids holding its placeholders")
-            embeds, mask = self.project_audio(audio_hidden_states, audio_hidden_mask)  # (B, S, D)
-            inputs_embeds = self._merge_audio(input_ids, inputs_embeds, embeds[mask])
-
+            inputs_embeds = self.embed_inputs(input_ids, input_features, input_features_mask, audio_hidden_states, audio_hidden_mask)
         out = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

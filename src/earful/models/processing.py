@@ -29,6 +29,7 @@ class PromptFormat:
 
     system_prompt: str | None = None  # None: the chat template's own default system message
     use_chat_template: bool = True  # False: the prompt text goes in raw (base LMs without a template)
+    default_prompt: str = DEFAULT_PROMPT  # the user turn the model was trained with; transcribe/eval reuse it
 
 
 class SpeechLMProcessor:

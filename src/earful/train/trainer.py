@@ -64,6 +64,7 @@ def build_model(recipe: Recipe) -> tuple[SpeechLMForConditionalGeneration, Speec
             projector_hidden_size=m.projector_hidden_size,
             prompt_format=PromptFormat(system_prompt=m.system_prompt, use_chat_template=m.chat_template),
         )
+    processor.prompt_format.default_prompt = recipe.data.prompt  # saved with the model, reused by transcribe/eval
     model.freeze(encoder=m.freeze_encoder, projector=m.freeze_projector, decoder=m.freeze_decoder)
     if m.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
@@ -143,9 +144,9 @@ def evaluate_loss(model, batcher: Batcher, batch_size: int, amp) -> float:
     for idx in length_grouped_batches(batcher.dataset.lengths(), batch_size, seed=0, shuffle=False):
         batch = batcher(idx)
         with amp:
-            out = model(**batch)
+            loss = model.training_loss(**batch)
         n = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(out.loss) * n
+        total += float(loss) * n
         tokens += n
     model.train()
     if batcher.cache is not None:
@@ -240,7 +241,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
             epoch, b, idx = next(batches)
             batch = train_batches(idx)
             with amp:
-                loss = model(**batch).loss / t.grad_accum
+                loss = model.training_loss(**batch) / t.grad_accum
             loss.backward()
             loss_sum += float(loss)
             audio_seconds += sum(durations[i] for i in idx)
@@ -249,7 +250,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        epoch, next_batch = epoch, b + 1  # position of the next batch, for an exact resume
+        next_batch = b + 1  # position of the next batch (in `epoch`), for an exact resume
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}")
         if step % t.log_every == 0 or step == t.max_steps:
