@@ -243,7 +243,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
             with amp:
                 loss = model.training_loss(**batch) / t.grad_accum
             loss.backward()
-            loss_sum += float(loss)
+            loss_sum += loss.item()
             audio_seconds += sum(durations[i] for i in idx)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm))
         optimizer.step()

@@ -1,0 +1,331 @@
+""".venv/bin/python benchmarks/heldout_speaker.py --folds yweweler,nicolas
+
+Leave-one-speaker-out spoken-digit recognition on FSDD: can earful's embedded default
+(`recipes/digits.yaml`) recognise a voice it never heard, and does it beat what one would use
+instead? Each fold holds one of the five speakers out (500 clips, 50 per digit) and trains on the
+other four (2,000 clips). Three systems transcribe the same held-out clips:
+
+- earful: `recipes/digits.yaml` trained from scratch on the four speakers through the Python API,
+  with `data.eval=null` (no periodic evaluation inside the timed loop) plus any `--set` overrides,
+  then scored with `earful.eval.asr.evaluate_asr` and the recipe's own prompt.
+- whisper_tiny_zero_shot: the same bundled Whisper tiny.en weights earful listens with, used as a
+  plain ASR model with no training: 30 s padded features, greedy `generate(max_new_tokens=16)`.
+  tiny.en is weak on isolated words; that is the honest figure for "just use the encoder's own
+  decoder".
+- pocketsphinx_grammar: pocketsphinx 5.1.1's default US English model restricted by a JSGF grammar
+  to exactly one digit word, each clip padded with 0.3 s of silence on both sides. A grammar
+  peer can only ever answer a digit: the strongest classical baseline for this closed task.
+
+Figures. `accuracy` is the share of clips whose Whisper-normalised hypothesis equals the
+normalised reference (`earful.eval.asr.normalize`, so "7" and "seven" match); `wer` / `cer` are
+jiwer's corpus WER / CER over the same normalised strings. For earful, `train_seconds` is the
+trainer's own loop time (`train()`'s summary: optimizer steps only), and `total_seconds` is wall
+time around the whole `train()` call (model build, caching the frozen encoder's outputs, the loop,
+saving). Peers' `seconds` is their transcription time for the fold (model loading excluded; it is
+reported once under `machine`). `meets_target` is true only if every fold scored all of its clips,
+earful reached accuracy >= 0.99 on every fold, beat both peers on every fold, and no fold's
+`train_seconds` exceeded 600; `checks` says which condition failed.
+
+Options: `--folds all` runs all five speakers; `--limit N` scores only N held-out clips spread
+evenly over the digits (a quick check, never a result); `--set KEY=VALUE` overrides the recipe
+(e.g. `--set train.max_steps=3`); `--skip-peers` runs earful alone (then `meets_target` is false,
+since nothing was compared). Trained models go to `--work/SPEAKER/model`; their weights are
+deleted after scoring unless `--keep`. FSDD is read from $EARFUL_FSDD or ../shared/data/fsdd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("heldout_speaker")
+
+SPEAKERS = ("george", "jackson", "lucas", "nicolas", "yweweler")
+DEFAULT_FOLDS = "yweweler,nicolas"
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "digits.yaml"
+WHISPER_SPEC = "bundled:whisper-tiny.en"
+SAMPLING_RATE = 16000
+TARGET = {"accuracy": 0.99, "train_seconds": 600}
+MAX_ERRORS_KEPT = 30
+DIGIT_GRAMMAR = (
+    "#JSGF V1.0;\ngrammar digits;\n"
+    "public <digit> = zero | one | two | three | four | five | six | seven | eight | nine;\n"
+)
+
+
+# -- data --------------------------------------------------------------------------------------
+def fsdd_dir() -> Path:
+    env = os.environ.get("EARFUL_FSDD")
+    folder = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fsdd"
+    if not (folder / "recordings").is_dir() or not any((folder / "recordings").glob("*.wav")):
+        sys.exit(f"FSDD not found: expected {folder}/recordings/*.wav; set EARFUL_FSDD to the folder that holds recordings/")
+    return folder
+
+
+def parse_folds(text: str) -> list[str]:
+    if text.strip() == "all":
+        return list(SPEAKERS)
+    folds = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in folds if s not in SPEAKERS]
+    if unknown or not folds:
+        sys.exit(f"--folds: expected 'all' or a comma-separated list of {', '.join(SPEAKERS)}; found {text!r}")
+    return folds
+
+
+def spread(items: list, n: int | None) -> list:
+    """n items evenly spaced over `items` (sorted by digit), so a short check still sees every digit."""
+    if not n or n >= len(items):
+        return items
+    return [items[round(i * len(items) / n)] for i in range(n)]
+
+
+# -- scoring -----------------------------------------------------------------------------------
+def score(utterances: list, hypotheses: list[str]) -> dict:
+    """Accuracy, WER and CER exactly as `earful.eval.asr.evaluate_asr` computes them."""
+    import jiwer
+
+    from earful.eval.asr import normalize
+
+    refs = [normalize(u.text) for u in utterances]
+    hyps = [normalize(h) for h in hypotheses]
+    correct = [r == h for r, h in zip(refs, hyps)]
+    errors = [{"id": u.id, "reference": u.text, "hypothesis": h} for u, h, ok in zip(utterances, hypotheses, correct) if not ok]
+    return {"accuracy": sum(correct) / len(correct), "wer": jiwer.wer(refs, hyps), "cer": jiwer.cer(refs, hyps),
+            "n": len(correct), "n_errors": len(errors), "errors": errors[:MAX_ERRORS_KEPT]}
+
+
+# -- earful ------------------------------------------------------------------------------------
+def run_earful(speaker: str, train_utts: list, test_utts: list, work: Path, extra: list[str], keep: bool) -> dict:
+    from earful.data.manifest import write_manifest
+    from earful.eval.asr import evaluate_asr
+    from earful.models.build import load_speech_lm
+    from earful.train.recipe import load_recipe
+    from earful.train.trainer import train
+
+    fold_dir = work / speaker
+    train_manifest = fold_dir / "train.jsonl"
+    write_manifest(train_utts, train_manifest)
+    write_manifest(test_utts, fold_dir / "test.jsonl")  # what was scored, for a later `earful eval asr`
+    recipe = load_recipe(RECIPE, [f"data.train={train_manifest}", "data.eval=null", *extra])
+
+    model_dir = fold_dir / "model"
+    start = time.perf_counter()
+    summary = train(recipe, model_dir)
+    total_seconds = time.perf_counter() - start
+    logger.info("%s: trained %d steps, loop %.0f s, total %.0f s", speaker, summary["steps"], summary["train_seconds"], total_seconds)
+
+    model, processor = load_speech_lm(model_dir)
+    report = evaluate_asr(model, processor, test_utts, prompt=recipe.data.prompt, batch_size=32)
+    del model, processor
+    gc.collect()
+    if not keep:
+        for weights in model_dir.glob("model*.safetensors"):
+            weights.unlink()
+    if report["rejected"]:
+        logger.warning("%s: %d held-out clips could not be read: %s", speaker, report["rejected"], report["rejects"][:3])
+    errors = [{"id": r["id"], "reference": r["reference"], "hypothesis": r["hypothesis"]} for r in report["utterances"] if not r["correct"]]
+    return {"accuracy": report["accuracy"], "wer": report["wer"], "cer": report["cer"], "n": report["n"],
+            "train_seconds": summary["train_seconds"], "total_seconds": round(total_seconds, 2), "steps": summary["steps"],
+            "final_loss": summary["final_loss"], "eval_seconds": report["seconds"], "rejected": report["rejected"],
+            "n_errors": len(errors), "errors": errors[:MAX_ERRORS_KEPT]}
+
+
+# -- peers -------------------------------------------------------------------------------------
+class WhisperPeer:
+    """Whisper tiny.en as plain ASR: 30 s padded features, greedy decoding, no training."""
+
+    def __init__(self, batch_size: int = 16):
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        from earful.pretrained import resolve
+
+        start = time.perf_counter()
+        folder = resolve(WHISPER_SPEC)
+        self.model = WhisperForConditionalGeneration.from_pretrained(folder).eval()
+        self.processor = WhisperProcessor.from_pretrained(folder)
+        self.batch_size = batch_size
+        self.load_seconds = time.perf_counter() - start
+
+    @torch.no_grad()
+    def transcribe(self, waves: list[np.ndarray]) -> list[str]:
+        from tqdm.auto import tqdm
+
+        texts = []
+        for i in tqdm(range(0, len(waves), self.batch_size), desc="whisper tiny.en zero-shot", unit="batch", leave=False):
+            features = self.processor(waves[i : i + self.batch_size], sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
+            out = self.model.generate(features, max_new_tokens=16)
+            texts.extend(self.processor.batch_decode(out, skip_special_tokens=True))
+        return texts
+
+
+class PocketsphinxPeer:
+    """pocketsphinx's default English model, searching a one-digit JSGF grammar."""
+
+    def __init__(self):
+        import pocketsphinx
+
+        start = time.perf_counter()
+        self.decoder = pocketsphinx.Decoder(samprate=SAMPLING_RATE, loglevel="FATAL")
+        self.decoder.add_jsgf_string("digits", DIGIT_GRAMMAR)
+        self.decoder.activate_search("digits")
+        self.load_seconds = time.perf_counter() - start
+
+    def transcribe(self, waves: list[np.ndarray]) -> list[str]:
+        from tqdm.auto import tqdm
+
+        # Clips are trimmed tight; the silence lets the recogniser settle in and out of the word.
+        pad = np.zeros(int(0.3 * SAMPLING_RATE), dtype=np.float32)
+        texts = []
+        for wave in tqdm(waves, desc="pocketsphinx grammar", unit="clip", leave=False):
+            pcm = (np.clip(np.concatenate([pad, wave, pad]), -1.0, 1.0) * 32767).astype(np.int16).tobytes()
+            self.decoder.start_utt()
+            self.decoder.process_raw(pcm, full_utt=True)
+            self.decoder.end_utt()
+            hyp = self.decoder.hyp()
+            texts.append(hyp.hypstr if hyp is not None else "")
+        return texts
+
+
+def run_peer(peer, utterances: list, waves: list[np.ndarray]) -> dict:
+    start = time.perf_counter()
+    hyps = peer.transcribe(waves)
+    seconds = time.perf_counter() - start
+    return {**score(utterances, hyps), "seconds": round(seconds, 2)}
+
+
+# -- the benchmark -----------------------------------------------------------------------------
+def summarise(folds: list[dict], skip_peers: bool) -> dict:
+    systems = ["earful"] + ([] if skip_peers else ["whisper_tiny_zero_shot", "pocketsphinx_grammar"])
+    mean_accuracy = {s: float(np.mean([f[s]["accuracy"] for f in folds])) for s in systems}
+    min_acc = min(f["earful"]["accuracy"] for f in folds)
+    max_train = max(f["earful"]["train_seconds"] for f in folds)
+    checks = {
+        "scored_all_clips": all(f["earful"]["n"] == f["clips"] for f in folds),  # --limit or unreadable clips
+        "accuracy_every_fold": min_acc >= TARGET["accuracy"],
+        "beats_whisper_every_fold": not skip_peers and all(f["earful"]["accuracy"] > f["whisper_tiny_zero_shot"]["accuracy"] for f in folds),
+        "beats_pocketsphinx_every_fold": not skip_peers and all(f["earful"]["accuracy"] > f["pocketsphinx_grammar"]["accuracy"] for f in folds),
+        "train_seconds_every_fold": max_train <= TARGET["train_seconds"],
+    }
+    return {"mean_accuracy": mean_accuracy, "min_accuracy_earful": min_acc, "max_train_seconds_earful": max_train,
+            "max_total_seconds_earful": max(f["earful"]["total_seconds"] for f in folds),
+            "target": TARGET, "meets_target": all(checks.values()), "checks": checks}
+
+
+def machine_info(peers: dict, started: float) -> dict:
+    import transformers
+    from importlib.metadata import version
+
+    return {
+        "device": "cpu" + (f" + {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_end": os.getloadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "pocketsphinx": version("pocketsphinx"),
+        "jiwer": version("jiwer"),
+        "peer_load_seconds": {name: round(p.load_seconds, 2) for name, p in peers.items()},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "runtime_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def write_json(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def print_table(result: dict) -> None:
+    peers = "whisper_tiny_zero_shot" in result["mean_accuracy"]
+    head = f"{'held out':<10} {'n':>4} {'earful acc':>10} {'WER':>6} {'train s':>8} {'total s':>8}"
+    if peers:
+        head += f" {'whisper acc':>11} {'sphinx acc':>10}"
+    print(head)
+    for f in result["folds"]:
+        e = f["earful"]
+        line = f"{f['speaker']:<10} {e['n']:>4} {e['accuracy']:>10.4f} {e['wer']:>6.3f} {e['train_seconds']:>8.0f} {e['total_seconds']:>8.0f}"
+        if peers:
+            line += f" {f['whisper_tiny_zero_shot']['accuracy']:>11.4f} {f['pocketsphinx_grammar']['accuracy']:>10.4f}"
+        print(line)
+    m = result["mean_accuracy"]
+    line = f"{'mean':<10} {'':>4} {m['earful']:>10.4f} {'':>6} {'':>8} {'':>8}"
+    if peers:
+        line += f" {m['whisper_tiny_zero_shot']:>11.4f} {m['pocketsphinx_grammar']:>10.4f}"
+    print(line)
+    failed = [k for k, ok in result["checks"].items() if not ok]
+    print(f"target: accuracy >= {TARGET['accuracy']} every fold, beats both peers, train <= {TARGET['train_seconds']} s: "
+          f"{'met' if result['meets_target'] else 'NOT met (' + ', '.join(failed) + ')'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--folds", default=DEFAULT_FOLDS, help=f"held-out speakers, comma-separated, or 'all' (default {DEFAULT_FOLDS})")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/heldout_speaker.json"))
+    parser.add_argument("--work", type=Path, default=Path("runs/bench_heldout"), help="manifests and trained models, one folder per fold")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="recipe overrides, as for `earful train`")
+    parser.add_argument("--limit", type=int, help="score only N held-out clips, spread over the digits (quick checks)")
+    parser.add_argument("--skip-peers", action="store_true", help="run earful only")
+    parser.add_argument("--keep", action="store_true", help="keep each fold's trained weights")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # transformers' notices would drown the run's progress
+    hf_logging.disable_progress_bar()
+
+    from earful.audio import load_audio
+    from earful.data.fsdd import fsdd_utterances
+    from earful.train.recipe import RecipeError, load_recipe
+
+    speakers = parse_folds(args.folds)
+    if args.limit is not None and args.limit < 1:
+        sys.exit(f"--limit: expected a positive number of clips, found {args.limit}")
+    try:
+        load_recipe(RECIPE, ["data.train=check.jsonl", "data.eval=null", *args.set])  # fail before any work
+    except RecipeError as e:
+        sys.exit(f"--set: {e}")
+    everything = fsdd_utterances(fsdd_dir(), list(SPEAKERS))
+    peers = {} if args.skip_peers else {"whisper_tiny_zero_shot": WhisperPeer(), "pocketsphinx_grammar": PocketsphinxPeer()}
+
+    folds = []
+    for speaker in speakers:
+        logger.info("fold: %s held out", speaker)
+        train_utts = [u for u in everything if u.speaker != speaker]
+        clips = [u for u in everything if u.speaker == speaker]
+        test_utts = spread(clips, args.limit)
+        fold = {"speaker": speaker, "train_clips": len(train_utts), "clips": len(clips), "scored_clips": len(test_utts),
+                "earful": run_earful(speaker, train_utts, test_utts, args.work, args.set, args.keep)}
+        if peers:
+            waves = [load_audio(u.audio, SAMPLING_RATE) for u in test_utts]
+            for name, peer in peers.items():
+                fold[name] = run_peer(peer, test_utts, waves)
+                logger.info("%s: %s accuracy %.4f", speaker, name, fold[name]["accuracy"])
+        folds.append(fold)
+
+    result = {"folds": folds, **summarise(folds, args.skip_peers),
+              "recipe": str(RECIPE.relative_to(RECIPE.parents[1])), "overrides": args.set, "limit": args.limit,
+              "machine": machine_info(peers, started)}
+    write_json(result, args.out)
+    print_table(result)
+    print(f"wrote {args.out} in {result['machine']['runtime_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
