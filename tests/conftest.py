@@ -59,6 +59,7 @@ def tiny_configs(vocab_size: int):
     enc = WhisperConfig(
         d_model=32, encoder_layers=2, encoder_attention_heads=2, decoder_layers=1, decoder_attention_heads=2,
         encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80, vocab_size=100,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3,
     )
     txt = LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,

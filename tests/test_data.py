@@ -97,3 +97,17 @@ def test_recipe_overrides_and_all_problems_at_once(tmp_path):
     assert "model.stack_factor" in msg and "train.max_step: unknown key" in msg
     with pytest.raises(RecipeError, match="expected section.key=value"):
         load_recipe(ROOT / "recipes" / "digits.yaml", ["train.max_steps"])
+
+
+def test_speed_perturbed_copies(fsdd):
+    from earful.data.dataset import SpeechDataset
+    from earful.data.fsdd import fsdd_utterances
+
+    utts = fsdd_utterances(fsdd, ["jackson"])[:3]
+    ds = SpeechDataset(utts, 16000, "Transcribe the audio: <|audio|>", speeds=(0.9, 1.0, 1.1))
+    assert len(ds) == 9 and ds.utterance(7) is utts[1]
+    slow, plain, fast = ds[0]["audio"], ds[3]["audio"], ds[6]["audio"]
+    assert len(slow) == pytest.approx(len(plain) / 0.9, rel=0.01)
+    assert len(fast) == pytest.approx(len(plain) / 1.1, rel=0.01)
+    assert ds[6]["response"] == ds[0]["response"] == utts[0].text
+    assert ds.lengths()[6] == pytest.approx(utts[0].duration / 1.1)

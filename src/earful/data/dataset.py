@@ -7,7 +7,7 @@ from typing import Iterator
 
 import torch
 
-from ..audio import load_audio
+from ..audio import load_audio, resample
 from .manifest import Utterance
 
 AUDIO_TOKEN = "<|audio|>"
@@ -26,29 +26,38 @@ def response_of(u: Utterance) -> str:
 
 
 class SpeechDataset(torch.utils.data.Dataset):
-    """Utterances with their audio loaded (validated, mono, resampled) through `earful.audio`."""
+    """Utterances with their audio loaded (validated, mono, resampled) through `earful.audio`.
 
-    def __init__(self, utterances: list[Utterance], sampling_rate: int, default_prompt: str, max_seconds: float | None = None):
+    `speeds` adds speed-perturbed copies (Kaldi-style: tempo and pitch change together, by
+    resampling), the classic cheap way to make a model hear new speakers: item i is utterance
+    i % n at speed speeds[i // n], so with a frozen encoder each copy is encoded once and cached.
+    """
+
+    def __init__(self, utterances: list[Utterance], sampling_rate: int, default_prompt: str,
+                 max_seconds: float | None = None, speeds: tuple[float, ...] = (1.0,)):
         self.utterances = utterances
         self.sampling_rate = sampling_rate
         self.default_prompt = default_prompt
         self.max_seconds = max_seconds
+        self.speeds = tuple(speeds)
 
     def __len__(self) -> int:
-        return len(self.utterances)
+        return len(self.utterances) * len(self.speeds)
+
+    def utterance(self, i: int) -> Utterance:
+        return self.utterances[i % len(self.utterances)]
 
     def __getitem__(self, i: int) -> dict:
-        u = self.utterances[i]
-        return {
-            "index": i,
-            "audio": load_audio(u.audio, self.sampling_rate, max_seconds=self.max_seconds),
-            "prompt": prompt_of(u, self.default_prompt),
-            "response": response_of(u),
-        }
+        u, speed = self.utterance(i), self.speeds[i // len(self.utterances)]
+        audio = load_audio(u.audio, self.sampling_rate, max_seconds=self.max_seconds)
+        if speed != 1.0:
+            # Played `speed` times faster: the same samples read as if recorded at rate * speed.
+            audio = resample(audio, round(self.sampling_rate * speed), self.sampling_rate)
+        return {"index": i, "audio": audio, "prompt": prompt_of(u, self.default_prompt), "response": response_of(u)}
 
     def lengths(self) -> list[float]:
         """Durations for length grouping (from the manifest, else 0: grouping then degrades to random)."""
-        return [u.duration or 0.0 for u in self.utterances]
+        return [(u.duration or 0.0) / s for s in self.speeds for u in self.utterances]
 
 
 def length_grouped_batches(lengths: list[float], batch_size: int, seed: int, shuffle: bool = True) -> list[list[int]]:

@@ -32,6 +32,7 @@ def assemble(
     *,
     stack_factor: int = 4,
     projector_hidden_size: int = 1024,
+    projector_dropout: float = 0.0,
     prompt_format: PromptFormat | None = None,
     encoder_spec: str | None = None,
     text_spec: str | None = None,
@@ -43,6 +44,7 @@ def assemble(
         text_config=text_config,
         stack_factor=stack_factor,
         projector_hidden_size=projector_hidden_size,
+        projector_dropout=projector_dropout,
         audio_token_id=audio_token_id,
         encoder_spec=encoder_spec,
         text_spec=text_spec,
@@ -70,6 +72,7 @@ def build_speech_lm(
     *,
     stack_factor: int = 4,
     projector_hidden_size: int = 1024,
+    projector_dropout: float = 0.0,
     prompt_format: PromptFormat | None = None,
 ) -> tuple[SpeechLMForConditionalGeneration, SpeechLMProcessor]:
     """A listening LM from two model specs (hub id, local folder or `bundled:NAME`).
@@ -86,6 +89,7 @@ def build_speech_lm(
         AutoFeatureExtractor.from_pretrained(enc_dir),
         stack_factor=stack_factor,
         projector_hidden_size=projector_hidden_size,
+        projector_dropout=projector_dropout,
         prompt_format=prompt_format,
         encoder_spec=encoder,
         text_spec=llm,

@@ -25,6 +25,8 @@ class SpeechLMConfig(PretrainedConfig):
         stack_factor: k consecutive encoder frames become one LLM position
             (Whisper's 50 Hz / 4 = 12.5 audio positions a second).
         projector_hidden_size: width of the projector's hidden layer.
+        projector_dropout: dropout on the projector's input while training (regularises the only
+            trained part when the encoder and LLM are frozen).
         audio_token: the placeholder string that marks where audio goes in a prompt.
         audio_token_id: its id in the LLM's tokenizer (set when the token is added).
         encoder_spec, text_spec: the model specs the parts came from (provenance only).
@@ -40,6 +42,7 @@ class SpeechLMConfig(PretrainedConfig):
     text_config: dict | PretrainedConfig | None = None
     stack_factor: int = 4
     projector_hidden_size: int = 1024
+    projector_dropout: float = 0.0
     audio_token: str = AUDIO_TOKEN
     audio_token_id: int | None = None
     encoder_spec: str | None = None

@@ -57,15 +57,16 @@ class AudioProjector(nn.Module):
     encoder comparable, and the last layer learns the scale of the LLM's embeddings.
     """
 
-    def __init__(self, in_size: int, hidden_size: int, out_size: int):
+    def __init__(self, in_size: int, hidden_size: int, out_size: int, dropout: float = 0.0):
         super().__init__()
+        self.dropout = nn.Dropout(dropout)
         self.norm = nn.RMSNorm(in_size)
         self.linear_1 = nn.Linear(in_size, hidden_size)
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(hidden_size, out_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(self.norm(x))))  # (B, S, C*k) -> (B, S, D)
+        return self.linear_2(self.act(self.linear_1(self.norm(self.dropout(x)))))  # (B, S, C*k) -> (B, S, D)
 
 
 class SpeechLMPreTrainedModel(PreTrainedModel):
@@ -103,6 +104,7 @@ class SpeechLMForConditionalGeneration(SpeechLMPreTrainedModel, GenerationMixin)
             encoder_hidden_size(config.encoder_config) * config.stack_factor,
             config.projector_hidden_size,
             config.text_config.hidden_size,
+            config.projector_dropout,
         )
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()

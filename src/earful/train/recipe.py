@@ -27,6 +27,7 @@ class ModelRecipe:
     init_from: str | None = None  # a trained earful folder to continue from (encoder/llm then unused)
     stack_factor: int = 4  # encoder frames per LLM position: 50 Hz / 4 = 12.5 Hz for Whisper
     projector_hidden_size: int = 1024  # the projector MLP's hidden width
+    projector_dropout: float = 0.0  # dropout on the projector's input while training
     system_prompt: str | None = None  # null: the chat template's own default system message
     chat_template: bool = True  # false for base LMs without a chat template
     freeze_encoder: bool = True  # frozen encoder outputs are computed once and cached
@@ -41,6 +42,7 @@ class DataRecipe:
     eval: str | None = None  # manifest for periodic evaluation (loss)
     prompt: str = DEFAULT_PROMPT  # user turn for utterances without their own prompt
     max_seconds: float = 30.0  # longer clips are refused (Whisper's window)
+    speed_perturb: list = field(default_factory=lambda: [1.0])  # speed-perturbed copies, e.g. [0.9, 1.0, 1.1]
 
 
 @dataclass
@@ -105,27 +107,31 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
             problems.append(f"{name}: expected a mapping, found {values!r}")
             continue
         hints = get_type_hints(cls)
+        good = {}
         for key, value in values.items():
             if key not in hints:
                 problems.append(f"{name}.{key}: unknown key (known: {', '.join(hints)})")
             elif not _check_type(value, hints[key]):
                 problems.append(f"{name}.{key}: expected {hints[key]}, found {value!r}")
-        sections[name] = cls(**{k: (float(v) if hints.get(k) is float and isinstance(v, int) else v) for k, v in values.items() if k in hints})
+            else:
+                good[key] = float(value) if hints[key] is float and isinstance(value, int) else value
+        sections[name] = cls(**good)  # well-typed keys only, so the value checks below still run
     for name in raw:
         if name not in get_type_hints(Recipe):
             problems.append(f"{name}: unknown section (known: model, data, train)")
-    if not problems:
-        recipe = Recipe(**sections)
-        t = recipe.train
-        for key in ("max_steps", "batch_size", "grad_accum"):
-            if getattr(t, key) < 1:
-                problems.append(f"train.{key}: must be >= 1, found {getattr(t, key)}")
-        if t.precision not in ("auto", "bf16", "fp32"):
-            problems.append(f"train.precision: expected auto, bf16 or fp32, found {t.precision!r}")
-        if recipe.data.train is None:
-            problems.append("data.train: no training manifest (set it in the recipe or with --set data.train=M.jsonl)")
-        if recipe.data.prompt.count("<|audio|>") != 1:
-            problems.append(f"data.prompt: must hold exactly one <|audio|>, found {recipe.data.prompt!r}")
+    recipe = Recipe(**sections)
+    t = recipe.train
+    for key in ("max_steps", "batch_size", "grad_accum"):
+        if getattr(t, key) < 1:
+            problems.append(f"train.{key}: must be >= 1, found {getattr(t, key)}")
+    if not recipe.data.speed_perturb or not all(isinstance(v, (int, float)) and 0.5 <= v <= 2.0 for v in recipe.data.speed_perturb):
+        problems.append(f"data.speed_perturb: expected a list of speeds in [0.5, 2], found {recipe.data.speed_perturb!r}")
+    if t.precision not in ("auto", "bf16", "fp32"):
+        problems.append(f"train.precision: expected auto, bf16 or fp32, found {t.precision!r}")
+    if recipe.data.train is None:
+        problems.append("data.train: no training manifest (set it in the recipe or with --set data.train=M.jsonl)")
+    if recipe.data.prompt.count("<|audio|>") != 1:
+        problems.append(f"data.prompt: must hold exactly one <|audio|>, found {recipe.data.prompt!r}")
     if problems:
         raise RecipeError(f"{source}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
     return recipe

@@ -62,6 +62,7 @@ def build_model(recipe: Recipe) -> tuple[SpeechLMForConditionalGeneration, Speec
             m.llm,
             stack_factor=m.stack_factor,
             projector_hidden_size=m.projector_hidden_size,
+            projector_dropout=m.projector_dropout,
             prompt_format=PromptFormat(system_prompt=m.system_prompt, use_chat_template=m.chat_template),
         )
     processor.prompt_format.default_prompt = recipe.data.prompt  # saved with the model, reused by transcribe/eval
@@ -91,7 +92,7 @@ class Batcher:
                 self.cache[i] = hidden[j, : int(mask[j].sum())].to("cpu", torch.float32).clone()
 
     def __call__(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        utts = [self.dataset.utterances[i] for i in idx]
+        utts = [self.dataset.utterance(i) for i in idx]
         prompts = [prompt_of(u, self.dataset.default_prompt) for u in utts]
         responses = [response_of(u) for u in utts]
         if self.cache is None:
@@ -182,7 +183,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
     logger.info("trainable parameters: %.2fM of %.1fM", n_trainable / 1e6, sum(p.numel() for p in model.parameters()) / 1e6)
 
     sr = processor.sampling_rate
-    train_set = SpeechDataset(read_manifest(recipe.data.train), sr, recipe.data.prompt, recipe.data.max_seconds)
+    train_set = SpeechDataset(read_manifest(recipe.data.train), sr, recipe.data.prompt, recipe.data.max_seconds, recipe.data.speed_perturb)
     eval_set = SpeechDataset(read_manifest(recipe.data.eval), sr, recipe.data.prompt, recipe.data.max_seconds) if recipe.data.eval else None
     cache = recipe.model.freeze_encoder
     train_batches = Batcher(train_set, processor, model, device, cache)
@@ -273,7 +274,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
     # -- the trained model ---------------------------------------------------------------------
     save_final(model, processor, out_dir)
     summary = {"steps": step, "train_seconds": round(train_seconds, 2), "final_loss": loss_sum, "eval_loss": eval_loss,
-               "trainable_parameters": n_trainable, "train_utterances": len(train_set),
+               "trainable_parameters": n_trainable, "train_utterances": len(train_set.utterances), "train_examples": len(train_set),
                "audio_seconds_per_second": round(audio_seconds / max(train_seconds, 1e-9), 2), "recipe": recipe.to_dict()}
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if ckpt_path.exists():
