@@ -55,8 +55,9 @@ MMAP_THRESHOLD = 64 * 1024  # bytes; see memory_in_fresh_process
 
 # -- data --------------------------------------------------------------------------------------
 def fsdd_dir() -> Path:
-    env = os.environ.get("EARFUL_FSDD")
-    folder = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fsdd"
+    from earful.data.fsdd import default_fsdd_dir
+
+    folder = default_fsdd_dir()
     if not (folder / "recordings").is_dir() or not any((folder / "recordings").glob("*.wav")):
         sys.exit(f"FSDD not found: expected {folder}/recordings/*.wav; set EARFUL_FSDD to the folder that holds recordings/")
     return folder

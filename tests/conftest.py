@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from earful.data.fsdd import default_fsdd_dir
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: fail fast instead of retrying
 
 ROOT = Path(__file__).resolve().parents[1]
-FSDD = Path(os.environ.get("EARFUL_FSDD", ROOT.parent / "shared" / "data" / "fsdd"))
+FSDD = default_fsdd_dir()
 FSDD_REC = FSDD / "recordings"
 SPEAKERS = ("george", "jackson", "lucas", "nicolas", "yweweler")
 

@@ -1,6 +1,5 @@
 """earful.audio: real speech in every container we accept, and one clear error per kind of bad file."""
 
-import os
 import pickle
 import struct
 from pathlib import Path
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from earful.data.fsdd import default_fsdd_dir
 from earful.audio import (
     DEFAULT_MAX_SECONDS,
     AudioCorrupt,
@@ -25,8 +25,7 @@ from earful.audio import (
     resample,
 )
 
-FSDD = Path(os.environ.get("EARFUL_FSDD",
-                           Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fsdd"))
+FSDD = default_fsdd_dir()
 FSDD_CLIP = FSDD / "recordings" / "0_george_0.wav"  # "zero", 8 kHz mono 16-bit
 
 

@@ -25,12 +25,11 @@ import pytest
 import torch
 
 import earful.pretrained as pretrained
+from earful.data.fsdd import DIGIT_WORDS, default_fsdd_dir
 from earful.pretrained import (BUNDLED_NAMES, MARKER_FILE, ModelSpecError, cache_dir,
                                read_ctranslate2, resolve)
 
-FSDD = Path(os.environ.get("EARFUL_FSDD")
-            or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fsdd")
-DIGIT_WORDS = "zero one two three four five six seven eight nine".split()
+FSDD = default_fsdd_dir()
 
 
 def _needs(module: str, install: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -14,6 +15,12 @@ logger = logging.getLogger(__name__)
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _NAME = re.compile(r"^(\d)_([A-Za-z0-9-]+)_(\d+)\.wav$")
+
+
+def default_fsdd_dir() -> Path:
+    """Where FSDD is looked for: $EARFUL_FSDD, else `../shared/data/fsdd` beside the checkout."""
+    env = os.environ.get("EARFUL_FSDD")
+    return Path(env) if env else Path(__file__).resolve().parents[3].parent / "shared" / "data" / "fsdd"
 
 
 def fsdd_utterances(folder: str | Path, speakers: list[str] | None = None) -> list[Utterance]:
