@@ -8,11 +8,8 @@ is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
-from pathlib import Path
 
 logger = logging.getLogger("earful")
 

@@ -54,8 +54,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # heavy imports stay inside the converters
+    import torch
+    from transformers import WhisperConfig, WhisperTokenizer
 
 logger = logging.getLogger(__name__)
 
