@@ -111,3 +111,19 @@ def test_speed_perturbed_copies(fsdd):
     assert len(fast) == pytest.approx(len(plain) / 1.1, rel=0.01)
     assert ds[6]["response"] == ds[0]["response"] == utts[0].text
     assert ds.lengths()[6] == pytest.approx(utts[0].duration / 1.1)
+
+
+def test_tts_digits_make_a_manifest_of_real_audio(tmp_path):
+    # The main job's fallback where FSDD is absent: spoken digits from the bundled Piper voice.
+    r = run_cli("data", "prepare", "tts-digits", tmp_path / "tts", "--per-digit", "2", "--seed", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = read_manifest(tmp_path / "tts" / "manifest.jsonl")
+    assert len(rows) == 20 and sorted({u.text for u in rows}) == sorted(
+        ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
+    from earful.audio import load_audio
+
+    for u in rows[:5]:
+        audio = load_audio(u.audio, 16000)
+        seconds = len(audio) / 16000
+        assert 0.2 < seconds < 2.0 and seconds == pytest.approx(u.duration, abs=0.01)
+        assert float(abs(audio).max()) > 0.05  # speech, not silence
