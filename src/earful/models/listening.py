@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration import SpeechLMConfig
-from .encoders import build_audio_encoder, encoder_hidden_size, encoder_output_lengths, stacked_lengths
+from .encoders import build_audio_encoder, encoder_hidden_size, stacked_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -124,10 +124,6 @@ class SpeechLMForConditionalGeneration(SpeechLMPreTrainedModel, GenerationMixin)
 
     def get_decoder(self) -> nn.Module:
         return self.language_model.get_decoder()
-
-    def audio_output_lengths(self, feature_lengths: torch.Tensor) -> torch.Tensor:
-        """Audio positions S that clips of T feature frames (or samples) take in the prompt."""
-        return stacked_lengths(encoder_output_lengths(self.config.encoder_config, feature_lengths), self.config.stack_factor)
 
     def encode_audio(
         self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None = None

@@ -25,6 +25,7 @@ from transformers import get_cosine_schedule_with_warmup
 from ..data.dataset import SpeechDataset, infinite_batches, length_grouped_batches, prompt_of, response_of
 from ..data.manifest import read_manifest
 from ..models.build import build_speech_lm, load_speech_lm, save_speech_lm
+from ..models.encoders import stacked_lengths
 from ..models.listening import SpeechLMForConditionalGeneration
 from ..models.processing import PromptFormat, SpeechLMProcessor
 from .recipe import Recipe
@@ -105,7 +106,7 @@ class Batcher:
             for j, h in enumerate(hs):
                 hidden[j, : h.shape[0]] = h
                 mask[j, : h.shape[0]] = True
-            n_audio = self.model.audio_stacker(hidden[..., :1], mask)[1].sum(-1).tolist()
+            n_audio = stacked_lengths(mask.sum(-1), self.model.config.stack_factor).tolist()
             batch = self.processor.text_batch(prompts, n_audio, responses)
             batch.update(audio_hidden_states=hidden, audio_hidden_mask=mask)
         return {k: v.to(self.device) for k, v in batch.items()}
