@@ -82,3 +82,35 @@ def tiny_lm(smol_dir, whisper_dir):
     torch.manual_seed(0)
     model, processor = assemble(enc, txt, tok, AutoFeatureExtractor.from_pretrained(whisper_dir), stack_factor=2, projector_hidden_size=48)
     return model.eval(), processor
+
+
+# The README's main job, shortened: recipes/digits.yaml trained on two FSDD speakers. Trained once
+# per session; the end-to-end test checks the run itself, the serving tests talk to the result.
+DIGITS_TRAIN_SPEAKERS = "jackson,lucas"
+DIGITS_HELD_OUT = "yweweler"
+DIGITS_STEPS = 80
+
+
+@pytest.fixture(scope="session")
+def digits_model(fsdd, smol_dir, whisper_dir, tmp_path_factory):
+    """(model folder, train manifest, held-out manifest, the train command's CompletedProcess)."""
+    import subprocess
+    import sys
+
+    work = tmp_path_factory.mktemp("digits")
+    train, evals, out = work / "train.jsonl", work / "eval.jsonl", work / "model"
+    reuse = os.environ.get("EARFUL_TEST_DIGITS_RUN")  # a developer's shortcut: a folder a previous session filled
+    if reuse:
+        reuse = Path(reuse)
+        return reuse / "model", reuse / "train.jsonl", reuse / "eval.jsonl", subprocess.CompletedProcess([], 0, "", "")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "earful", *map(str, args)], capture_output=True, text=True)
+
+    for manifest, speakers in ((train, DIGITS_TRAIN_SPEAKERS), (evals, DIGITS_HELD_OUT)):
+        r = cli("data", "prepare", "fsdd", fsdd, "--out", manifest, "--speakers", speakers)
+        assert r.returncode == 0, r.stderr
+    # 1000 clips cached by the frozen encoder, then DIGITS_STEPS steps of 16.
+    r = cli("train", ROOT / "recipes" / "digits.yaml", "--out", out, "--set", f"data.train={train}", f"data.eval={evals}",
+            f"train.max_steps={DIGITS_STEPS}", "train.warmup_steps=8", "train.eval_every=0", "train.log_every=1", "train.save_every=0")
+    return out, train, evals, r

@@ -10,33 +10,29 @@ import json
 
 import pytest
 
-from conftest import FSDD_REC, ROOT
+from conftest import DIGITS_STEPS, FSDD_REC
+
+from earful.data.manifest import read_manifest, write_manifest
 
 from test_data import run_cli
 
 pytestmark = pytest.mark.slow
 
 
-def test_digits_recipe_end_to_end(fsdd, smol_dir, whisper_dir, tmp_path):
-    train, evals = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
-    assert run_cli("data", "prepare", "fsdd", fsdd, "--out", train, "--speakers", "jackson,lucas").returncode == 0
-    assert run_cli("data", "prepare", "fsdd", fsdd, "--out", evals, "--speakers", "yweweler").returncode == 0
-    # 1000 clips cached by the frozen encoder; 30 steps of 16.
-    out = tmp_path / "model"
-    r = run_cli("train", ROOT / "recipes" / "digits.yaml", "--out", out, "--set", f"data.train={train}", f"data.eval={evals}",
-                "train.max_steps=30", "train.warmup_steps=3", "train.eval_every=0", "train.log_every=1", "train.save_every=0")
+def test_digits_recipe_end_to_end(digits_model, tmp_path):
+    out, train, evals, r = digits_model
     assert r.returncode == 0, r.stderr[-3000:]
     losses = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines() if '"loss"' in line]
-    assert len(losses) == 30 and losses[-1] < 0.5 * losses[0]
+    assert len(losses) == DIGITS_STEPS and losses[-1] < 0.5 * losses[0]
 
     # Score 20 clips of the held-out speaker: a report with the figures at the top level.
     short = tmp_path / "eval20.jsonl"
-    short.write_text("".join(evals.read_text().splitlines(keepends=True)[::25]))
+    write_manifest(read_manifest(evals)[::25], short)  # paths re-rooted at the new manifest's folder
     r = run_cli("eval", "asr", "--model", out, "--data", short, "--out", tmp_path / "report.json")
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["n"] == 20 and 0 <= report["wer"] and "WER" in r.stdout
-    # After 30 steps the model answers with digit words, not free text, and mostly the right ones
+    # After DIGITS_STEPS steps the model answers with digit words, not free text, and mostly the right ones
     # (chance is 0.1; the full recipe reaches ~0.96 on this speaker, see benchmarks/).
     digits = {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "oh"}
     answered = [u["hypothesis"].lower().strip(" .!") for u in report["utterances"]]

@@ -50,7 +50,7 @@ def data_prepare_tts_digits(out_dir: str, per_digit: int = 20, seed: int = 0) ->
 
 
 def train_cmd(recipe: str, out: str, set: list[str] | None = None, resume: bool = False) -> None:
-    """Train a listening LM per a YAML recipe; OUT becomes a save_pretrained model folder.
+    """Train a listening or units LM per a YAML recipe; OUT becomes a save_pretrained model folder.
 
     --set section.key=value overrides the recipe (e.g. --set train.max_steps=3 data.train=M.jsonl).
     --resume continues from OUT/checkpoint.pt exactly where it stopped.
@@ -131,6 +131,174 @@ def chat(model: str, audio: str, prompt: str | None = None, max_new_tokens: int 
     return 0
 
 
+def units_fit(data: str, k: str, out: str, layer: int | None = None, encoder: str = "bundled:whisper-tiny.en",
+              dedup: bool = True, seed: int = 0, cache: str | None = None) -> None:
+    """Fit k-means unit tokenizers on a manifest's audio: one encoder pass serves every k.
+
+    --k 500 writes the tokenizer folder OUT; --k 100,500 writes OUT/k100 and OUT/k500. Encoder
+    features are cached (OUT/features, or --cache DIR) and reused by the next fit on the same clips.
+    --layer picks the encoder layer (default: Whisper's last, the middle of HuBERT/wav2vec2).
+    """
+    from .data.manifest import read_manifest
+    from .tokenizers.base import AudioTokenizerError
+    from .tokenizers.units import fit_unit_tokenizers
+
+    try:
+        ks = sorted({int(x) for x in k.split(",") if x.strip()})
+    except ValueError:
+        raise UsageError(f"--k: expected a number or a comma-separated list (100,500), found {k!r}") from None
+    if not ks:
+        raise UsageError("--k: give at least one number of units")
+    paths = [u.audio for u in read_manifest(data)]
+    try:
+        tokenizers = fit_unit_tokenizers(paths, ks, encoder, layer, dedup, seed, cache or f"{out}/features")
+    except AudioTokenizerError as e:
+        raise UsageError(str(e)) from None
+    for n, tok in tokenizers.items():
+        folder = out if len(ks) == 1 else f"{out}/k{n}"
+        tok.save_pretrained(folder)
+        print(f"wrote {folder}: {n} units from layer {tok.layer} of {encoder} ({len(paths)} clips)")
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, name: str | None = None,
+          max_upload_mb: float = 25.0, max_audio_seconds: float = 120.0, max_batch_size: int = 8, ui: bool = True) -> int:
+    """Serve a trained model over an OpenAI-compatible HTTP API, with a Gradio voice UI on /ui.
+
+    Routes: POST /v1/chat/completions (input_audio content parts, stream), POST
+    /v1/audio/transcriptions, GET /v1/models, GET /health. With --api-key (or EARFUL_API_KEY)
+    the API wants 'Authorization: Bearer KEY' and the UI asks for the key as its password.
+    """
+    import os
+
+    import uvicorn
+
+    from .serve.app import create_app
+    from .serve.engine import load
+
+    api_key = api_key or os.environ.get("EARFUL_API_KEY") or None
+    lm = load(model, name=name, max_batch_size=max_batch_size, max_audio_seconds=max_audio_seconds)
+    app = create_app(lm, api_key=api_key, max_upload_bytes=int(max_upload_mb * 1024 * 1024), ui=ui)
+    print(f"serving {lm.name!r} on http://{host}:{port}/v1 (UI: {'http://%s:%d/ui' % (host, port) if ui else 'off'})", flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        lm.close()
+    return 0
+
+
+def data_prepare_tts_storycloze(out_dir: str, limit: int | None = None) -> None:
+    """Synthesise a small spoken StoryCloze-style set with the bundled Piper voice.
+
+    Writes OUT_DIR/audio/*.wav and OUT_DIR/pairs.jsonl: per story an sStoryCloze pair (right vs.
+    contradicting ending) and a tStoryCloze pair (right vs. another story's ending), for `eval pairs`.
+    """
+    from .data.storycloze import build_spoken_storycloze
+
+    print(f"wrote {build_spoken_storycloze(out_dir, limit)}")
+
+
+def generate_cmd(model: str, audio: str, out: str, max_new_tokens: int = 100, greedy: bool = False,
+                 temperature: float = 0.8, top_k: int = 50, seed: int = 0) -> int:
+    """Continue a spoken prompt with a units LM; OUT is ids.json (any tokenizer) or out.wav (codecs).
+
+    The JSON holds the prompt's and the continuation's audio-tokenizer ids; the WAV is the prompt
+    followed by the continuation, decoded by the codec.
+    """
+    import json as _json
+    from pathlib import Path
+
+    from .models.speech_generation import continue_speech
+
+    if not out.endswith((".json", ".wav")):
+        raise UsageError(f"--out {out}: expected a .json (token ids) or .wav (audio) file")
+    lm = _load_unit_lm(model)
+    at = lm.audio_tokenizer
+    if at is None:
+        raise UsageError(f"{model}: saved without an audio tokenizer (audio_tokenizer/), so it cannot read {audio}")
+    if out.endswith(".wav") and not at.can_decode:
+        raise UsageError(f"--out {out}: this model's {at.kind} tokenizer cannot turn tokens back into audio "
+                         "(k-means units have no vocoder); write token ids with --out ids.json")
+    waves, _, failures = _load_clips([audio], at.sampling_rate)
+    if failures:
+        return 1
+    result = continue_speech(lm, waves[0], max_new_tokens=max_new_tokens, do_sample=not greedy,
+                             temperature=temperature, top_k=top_k, seed=seed)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if out.endswith(".json"):
+        tmp.write_text(_json.dumps({"model": model, "audio": audio, "tokenizer": at.kind, "frame_rate": at.frame_rate,
+                                    "prompt_units": result.prompt_units, "continuation_units": result.continuation_units}) + "\n")
+    else:
+        import soundfile as sf
+
+        sf.write(str(tmp), at.decode(result.prompt_units + result.continuation_units), at.sampling_rate, subtype="PCM_16", format="WAV")
+    tmp.replace(path)
+    print(f"prompt {len(result.prompt_units)} tokens, continuation {len(result.continuation_units)} tokens -> {out}")
+    return 0
+
+
+def eval_pairs(model: str, data: str, out: str, score: str = "sum", batch_size: int = 16) -> None:
+    """Spoken-LM pairs (sBLIMP/sWUGGY/sStoryCloze style): does the model prefer the correct clip?
+
+    DATA is JSON Lines of {"correct": wav, "wrong": wav, "group": ..}; each pair scores 1 / 0.5 / 0
+    for a win / tie / loss by summed (or --score mean) log-likelihood of its sound tokens.
+    """
+    from .eval.asr import write_report
+    from .eval.pairs import evaluate_pairs, read_pairs
+
+    pairs = read_pairs(data)
+    lm = _load_unit_lm(model)
+    report = {"model": str(model), "data": str(data), **evaluate_pairs(lm, pairs, score, batch_size)}
+    write_report(report, out)
+    groups = "  ".join(f"{g} {r['accuracy']:.3f} (n={r['n']})" for g, r in report["groups"].items())
+    print(f"accuracy {report['accuracy']:.3f} on {report['n']} pairs ({report['ties']} ties)  {groups} -> {out}")
+
+
+def eval_genppl(files: list[str], out: str, asr: str = "bundled:whisper-tiny.en", lm: str = "bundled:smollm2-135m-instruct") -> int:
+    """GenPPL and Auto-BLEU-2 of generated speech: transcribe FILEs, score the text with a text LM."""
+    from .eval.asr import write_report
+    from .eval.generation import auto_bleu, corpus_auto_bleu, gen_ppl, transcribe_whisper
+
+    waves, names, failures = _load_clips(files, 16000)
+    if not waves:
+        return 1
+    texts = transcribe_whisper(waves, asr)
+    ppl = gen_ppl(texts, lm)
+    report = {"genppl": ppl["genppl"], "auto_bleu2": corpus_auto_bleu(texts, 2), "n": len(texts), "asr": asr, "lm": lm,
+              "generations": [{"audio": n, "transcript": t, "ppl": p, "auto_bleu2": auto_bleu(t.split(), 2)}
+                              for n, t, p in zip(names, texts, ppl["per_text"])]}
+    write_report(report, out)
+    print(f"GenPPL {report['genppl']}  Auto-BLEU-2 {report['auto_bleu2']}  on {len(texts)} clips -> {out}")
+    return 1 if failures else 0
+
+
+def eval_units_asr(model: str, data: str, out: str, batch_size: int = 16, limit: int | None = None) -> None:
+    """Transcribe a manifest with a units LM trained on the ASR format; WER/CER to a JSON report."""
+    from .data.manifest import read_manifest
+    from .eval.asr import write_report
+    from .eval.units_asr import evaluate_units_asr
+    from .train.units import tokenize_audio
+
+    utts = read_manifest(data)[:limit] if limit else read_manifest(data)
+    lm = _load_unit_lm(model)
+    if lm.audio_tokenizer is None:
+        raise UsageError(f"{model}: saved without an audio tokenizer (audio_tokenizer/), so it cannot read audio")
+    report = {"model": str(model), "data": str(data), **evaluate_units_asr(lm, utts, tokenize_audio(lm.audio_tokenizer, utts), batch_size)}
+    write_report(report, out)
+    print(f"WER {report['wer']:.4f}  CER {report['cer']:.4f}  accuracy {report['accuracy']:.4f} on {report['n']} utterances -> {out}")
+
+
+def _load_unit_lm(model: str):
+    from .models.vocab import SoundVocabError, load_unit_lm
+    from .tokenizers import AudioTokenizerError
+
+    try:
+        return load_unit_lm(model)
+    except (SoundVocabError, AudioTokenizerError) as e:
+        raise UsageError(str(e)) from None
+
+
 # -- argument parsing ---------------------------------------------------------------------------
 def _doc(fn) -> str:
     return (fn.__doc__ or "").strip()
@@ -154,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=lambda a: data_prepare_tts_digits(a.out_dir, a.per_digit, a.seed))
 
+    s = prep.add_parser("tts-storycloze", help=_doc(data_prepare_tts_storycloze).splitlines()[0], description=_doc(data_prepare_tts_storycloze))
+    s.add_argument("out_dir")
+    s.add_argument("--limit", type=int, help="only the first N stories")
+    s.set_defaults(fn=lambda a: data_prepare_tts_storycloze(a.out_dir, a.limit))
+
     s = stages.add_parser("train", help=_doc(train_cmd).splitlines()[0], description=_doc(train_cmd))
     s.add_argument("recipe", help="YAML recipe (see recipes/)")
     s.add_argument("--out", required=True, help="output folder: the trained model, logs, checkpoints")
@@ -171,6 +344,50 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, help="score only the first N utterances")
     s.set_defaults(fn=lambda a: eval_asr(a.model, a.data, a.out, a.batch_size, a.prompt, a.limit))
 
+    units = stages.add_parser("units", help="speech units (k-means audio tokenizers)").add_subparsers(dest="verb", required=True, metavar="VERB")
+    s = units.add_parser("fit", help=_doc(units_fit).splitlines()[0], description=_doc(units_fit))
+    s.add_argument("--data", required=True, help="manifest whose audio the k-means is fitted on")
+    s.add_argument("--k", required=True, help="number of units, or a comma-separated list (100,500)")
+    s.add_argument("--out", required=True, help="tokenizer folder (a parent folder when several k)")
+    s.add_argument("--layer", type=int, help="encoder layer whose features are clustered (1 = first)")
+    s.add_argument("--encoder", default="bundled:whisper-tiny.en", help="model spec of the speech encoder")
+    s.add_argument("--no-dedup", dest="dedup", action="store_false", help="keep runs of the same unit (default: collapse them)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--cache", help="folder for cached encoder features (default OUT/features)")
+    s.set_defaults(fn=lambda a: units_fit(a.data, a.k, a.out, a.layer, a.encoder, a.dedup, a.seed, a.cache))
+
+    s = ev.add_parser("pairs", help=_doc(eval_pairs).splitlines()[0], description=_doc(eval_pairs))
+    s.add_argument("--model", required=True, help="trained units LM folder")
+    s.add_argument("--data", required=True, help="pairs file (JSON Lines: correct, wrong, group)")
+    s.add_argument("--out", required=True, help="JSON report to write")
+    s.add_argument("--score", choices=("sum", "mean"), default="sum", help="summed or mean token log-likelihood")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.set_defaults(fn=lambda a: eval_pairs(a.model, a.data, a.out, a.score, a.batch_size))
+    s = ev.add_parser("units-asr", help=_doc(eval_units_asr).splitlines()[0], description=_doc(eval_units_asr))
+    s.add_argument("--model", required=True, help="units LM trained on the asr format")
+    s.add_argument("--data", required=True, help="manifest with transcripts")
+    s.add_argument("--out", required=True, help="JSON report to write")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--limit", type=int, help="score only the first N utterances")
+    s.set_defaults(fn=lambda a: eval_units_asr(a.model, a.data, a.out, a.batch_size, a.limit))
+    s = ev.add_parser("genppl", help=_doc(eval_genppl).splitlines()[0], description=_doc(eval_genppl))
+    s.add_argument("files", nargs="+", metavar="FILE")
+    s.add_argument("--out", required=True, help="JSON report to write")
+    s.add_argument("--asr", default="bundled:whisper-tiny.en", help="Whisper model spec that transcribes")
+    s.add_argument("--lm", default="bundled:smollm2-135m-instruct", help="text LM spec that scores the transcripts")
+    s.set_defaults(fn=lambda a: eval_genppl(a.files, a.out, a.asr, a.lm))
+
+    s = stages.add_parser("generate", help=_doc(generate_cmd).splitlines()[0], description=_doc(generate_cmd))
+    s.add_argument("--model", required=True, help="trained units LM folder")
+    s.add_argument("--audio", required=True, help="spoken prompt")
+    s.add_argument("--out", required=True, help="ids.json or out.wav")
+    s.add_argument("--max-new-tokens", type=int, default=100)
+    s.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=50)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=lambda a: generate_cmd(a.model, a.audio, a.out, a.max_new_tokens, a.greedy, a.temperature, a.top_k, a.seed))
+
     s = stages.add_parser("transcribe", help=_doc(transcribe).splitlines()[0], description=_doc(transcribe))
     s.add_argument("--model", required=True)
     s.add_argument("files", nargs="+", metavar="FILE")
@@ -187,6 +404,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.7)
     s.add_argument("--num-beams", type=int, default=1)
     s.set_defaults(fn=lambda a: chat(a.model, a.audio, a.prompt, a.max_new_tokens, a.sample, a.temperature, a.num_beams))
+
+    s = stages.add_parser("serve", help=_doc(serve).splitlines()[0], description=_doc(serve), formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--model", required=True, help="trained model folder")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require this bearer key (default: $EARFUL_API_KEY, else none)")
+    s.add_argument("--name", help="model id the API answers to (default: the folder's name)")
+    s.add_argument("--max-upload-mb", type=float, default=25.0, help="largest request body, MB (default 25; larger gets 413)")
+    s.add_argument("--max-audio-seconds", type=float, default=120.0, help="longest clip accepted (default 120)")
+    s.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
+    s.add_argument("--no-ui", dest="ui", action="store_false", help="don't mount the Gradio UI on /ui")
+    s.set_defaults(fn=lambda a: serve(a.model, a.host, a.port, a.api_key, a.name, a.max_upload_mb, a.max_audio_seconds, a.max_batch_size, a.ui))
     return p
 
 

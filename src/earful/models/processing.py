@@ -104,12 +104,27 @@ class SpeechLMProcessor:
         token = self.config.audio_token
         if prompt.count(token) != 1:
             raise ValueError(f"a prompt must hold exactly one {token} placeholder, found {prompt.count(token)} in {prompt!r}")
+        return self.conversation_ids([{"role": "user", "content": prompt}], [n_audio])
+
+    def conversation_ids(self, messages: list[dict], n_audio: list[int]) -> list[int]:
+        """Token ids of a conversation ending in a user turn, ready for the assistant's answer.
+
+        `messages` are `{"role", "content"}` dicts whose text holds one `<|audio|>` per clip, in
+        order; clip i takes `n_audio[i]` positions. Without a system message, the model's own
+        (the one it was trained with) goes first.
+        """
+        token = self.config.audio_token
+        found = sum(m["content"].count(token) for m in messages)
+        if found != len(n_audio):
+            raise ValueError(f"the conversation holds {found} {token} placeholders for {len(n_audio)} clips")
         if self.prompt_format.use_chat_template:
-            messages = [{"role": "user", "content": prompt}]
-            if self.prompt_format.system_prompt is not None:
-                messages.insert(0, {"role": "system", "content": self.prompt_format.system_prompt})
-            prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        text = prompt.replace(token, token * n_audio)
+            if self.prompt_format.system_prompt is not None and not any(m["role"] == "system" for m in messages):
+                messages = [{"role": "system", "content": self.prompt_format.system_prompt}, *messages]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:
+            text = "\n".join(m["content"] for m in messages)
+        pieces = text.split(token)
+        text = pieces[0] + "".join(token * n + rest for n, rest in zip(n_audio, pieces[1:]))
         return self.tokenizer(text, add_special_tokens=not self.prompt_format.use_chat_template)["input_ids"]
 
     def response_ids(self, response: str) -> list[int]:
@@ -154,20 +169,23 @@ class SpeechLMProcessor:
             rows.append(ids)
             label_rows.append(labels)
         padding_side = padding_side or ("right" if responses is not None else "left")
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        L = max(len(r) for r in rows)
+        batch = self.pad(rows, padding_side)
+        if responses is not None:
+            batch["labels"] = self.pad(label_rows, padding_side, pad_id=-100)["input_ids"]
+        return batch
+
+    def pad(self, rows: list[list[int]], padding_side: str = "left", pad_id: int | None = None) -> dict[str, torch.Tensor]:
+        """Id lists of different lengths -> `input_ids` (B, L) and `attention_mask` (B, L)."""
+        if pad_id is None:
+            pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        B, L = len(rows), max(len(r) for r in rows)
         input_ids = torch.full((B, L), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((B, L), dtype=torch.long)
-        labels = torch.full((B, L), -100, dtype=torch.long)
-        for i, (ids, lab) in enumerate(zip(rows, label_rows)):
+        for i, ids in enumerate(rows):
             span = slice(0, len(ids)) if padding_side == "right" else slice(L - len(ids), L)
-            input_ids[i, span] = torch.tensor(ids)
+            input_ids[i, span] = torch.tensor(ids, dtype=torch.long)
             attention_mask[i, span] = 1
-            labels[i, span] = torch.tensor(lab)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if responses is not None:
-            batch["labels"] = labels
-        return batch
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]

@@ -1,0 +1,55 @@
+"""A Gradio voice chat on `/ui`: record or upload a clip, ask about it, read the answer as it streams.
+
+It calls the same `SpeechLM.stream_chat` the HTTP API does. A turn with audio and no text asks for
+a transcript (the task the model was trained on).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from ..audio import AudioError
+from .engine import RequestError, SpeechLM
+
+
+def build_ui(lm: SpeechLM) -> gr.Blocks:
+    # Uploads land in Gradio's cache; files older than an hour are swept every 10 minutes.
+    with gr.Blocks(title=f"earful · {lm.name}", analytics_enabled=False, delete_cache=(600, 3600)) as demo:
+        gr.Markdown(f"## earful · `{lm.name}`\nRecord or upload speech, then send it. With no text, the model transcribes.")
+        chatbot = gr.Chatbot(label="Conversation", elem_id="earful-chat", height=360)
+        with gr.Row():
+            audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio", elem_id="earful-audio")
+            message = gr.Textbox(label="Message", placeholder="Ask about the audio (empty: transcribe it)", elem_id="earful-message", lines=2)
+        with gr.Row():
+            send = gr.Button("Send", variant="primary", elem_id="earful-send")
+            clear = gr.Button("Clear", elem_id="earful-clear")
+        conversation = gr.State([])  # the engine's messages, audio included
+
+        def respond(audio_path, text, history, convo):
+            text = (text or "").strip()
+            parts = [text] if text else []
+            try:
+                if audio_path:
+                    parts.append(lm.read_audio(audio_path, name="the uploaded audio"))
+                if not parts:
+                    raise gr.Error("Record or upload audio, or type a message.")
+                convo = [*convo, {"role": "user", "content": parts}]
+                clip = f"[audio: {Path(audio_path).name}]" if audio_path else ""
+                shown = " ".join(x for x in (clip, text) if x)
+                history = [*(history or []), {"role": "user", "content": shown}, {"role": "assistant", "content": ""}]
+                answer = ""
+                for piece in lm.stream_chat(messages=convo):
+                    answer += piece
+                    history[-1] = {"role": "assistant", "content": answer}
+                    yield history, convo, None, ""
+            except (AudioError, RequestError) as e:
+                raise gr.Error(str(e)) from None
+            yield history, [*convo, {"role": "assistant", "content": answer}], None, ""
+
+        outputs = [chatbot, conversation, audio, message]
+        send.click(respond, [audio, message, chatbot, conversation], outputs)
+        message.submit(respond, [audio, message, chatbot, conversation], outputs)
+        clear.click(lambda: ([], [], None, ""), None, outputs)
+    return demo
