@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 logger = logging.getLogger("earful")
@@ -47,6 +48,60 @@ def data_prepare_tts_digits(out_dir: str, per_digit: int = 20, seed: int = 0) ->
 
     manifest = synthesise_digits(out_dir, per_digit=per_digit, seed=seed)
     print(f"wrote {manifest}")
+
+
+def data_ingest(sources: list[str], out: str, transcripts: str | None = None, min_seconds: float = 0.1,
+                max_seconds: float = 600.0, silence_dbfs: float = -60.0, enable_file_urls: bool = False) -> int:
+    """Check raw audio from folders, files, manifests, CSVs, datasets or URLs into OUT/manifest.jsonl.
+
+    SOURCE: a folder (transcripts from NAME.txt / NAME.lab sidecars or --transcripts CSV), an audio
+    file, a manifest (.jsonl), a CSV (audio,text), a datasets file (.parquet/.arrow) or hf:NAME,
+    a URL or yt-dlp search (ytsearch3:QUERY), or a .txt listing URLs. Every clip is decoded and
+    measured; unusable ones go to OUT/rejects.jsonl with the reason. OUT/summary.json: in = out + rejected.
+    """
+    from .data.ingest import IngestError, ingest
+
+    try:
+        s = ingest(sources, out, transcripts=transcripts, min_seconds=min_seconds, max_seconds=max_seconds,
+                   silence_dbfs=silence_dbfs, enable_file_urls=enable_file_urls)
+    except IngestError as e:
+        raise UsageError(str(e)) from None
+    print(f"{out}/manifest.jsonl: {s['in']} in = {s['out']} kept ({s['hours'] * 60:.1f} min) + {s['rejected']} rejected (see {out}/rejects.jsonl)")
+    return 0
+
+
+def data_segment(inputs: list[str], out: str, by: str = "fixed", seconds: float = 30.0, min_seconds: float = 1.0,
+                 max_seconds: float = 30.0, reencode: bool = False) -> int:
+    """Cut long recordings into clips: fixed slices by ffmpeg stream copy, or speech regions by Silero VAD.
+
+    INPUT is an audio file or a manifest (.jsonl). Writes OUT/segments/*, OUT/manifest.jsonl and
+    OUT/rejects.jsonl. --by fixed --seconds 30 cuts without re-encoding (--reencode to decode and
+    encode again); --by vad keeps speech, merging regions up to --max-seconds, dropping those under --min-seconds.
+    """
+    from .data.segment import segment
+
+    s = segment(inputs, out, by=by, seconds=seconds, min_seconds=min_seconds, max_seconds=max_seconds, reencode=reencode)
+    print(f"{out}/manifest.jsonl: {s['in']} recordings ({s['audio_seconds_in'] / 60:.1f} min) -> {s['segments']} segments "
+          f"({s['audio_seconds_out'] / 60:.1f} min), {s['rejected']} rejected; {s['real_time_factor']}x real time")
+    return 0
+
+
+def data_encode(data: str, out: str, encoder: str, batch_size: int = 16, max_seconds: float = 600.0) -> int:
+    """Pre-encode a manifest's audio with a frozen encoder (or an audio tokenizer) into OUT.
+
+    ENCODER is an encoder spec (bundled:whisper-tiny.en, facebook/hubert-base-ls960, a folder), a
+    trained earful model folder (its encoder), or an earful audio tokenizer folder (token ids).
+    Objects are content-addressed (audio bytes + encoder identity): a rerun skips what is done.
+    Under `torchrun --nproc_per_node N -m earful data encode ...` the ranks split the batches.
+    Writes OUT/index.jsonl, OUT/rejects.jsonl, OUT/summary.json.
+    """
+    from .data.shards import encode_manifest
+
+    s = encode_manifest(data, out, encoder, batch_size=batch_size, max_seconds=max_seconds)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{out}: {s['in']} in = {s['out']} encoded ({s['encoded']} now, {s['already_done']} already done) + "
+              f"{s['rejected']} rejected; {s['audio_hours'] * 60:.1f} min of audio, {s['encoded_audio_hours_per_hour']} audio-h/h")
+    return 0
 
 
 def train_cmd(recipe: str, out: str, set: list[str] | None = None, resume: bool = False) -> None:
@@ -326,6 +381,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out_dir")
     s.add_argument("--limit", type=int, help="only the first N stories")
     s.set_defaults(fn=lambda a: data_prepare_tts_storycloze(a.out_dir, a.limit))
+
+    s = data.add_parser("ingest", help=_doc(data_ingest).splitlines()[0], description=_doc(data_ingest), formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("sources", nargs="+", metavar="SOURCE")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--transcripts", help="CSV of audio,text for folder sources")
+    s.add_argument("--min-seconds", type=float, default=0.1, help="shorter clips are rejected (default 0.1)")
+    s.add_argument("--max-seconds", type=float, default=600.0, help="longer clips are rejected (default 600; segment long recordings first)")
+    s.add_argument("--silence-dbfs", type=float, default=-60.0, help="clips whose peak is below this are rejected as silent (default -60)")
+    s.add_argument("--enable-file-urls", action="store_true", help="let yt-dlp fetch file:// URLs")
+    s.set_defaults(fn=lambda a: data_ingest(a.sources, a.out, a.transcripts, a.min_seconds, a.max_seconds, a.silence_dbfs, a.enable_file_urls))
+    s = data.add_parser("segment", help=_doc(data_segment).splitlines()[0], description=_doc(data_segment), formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("inputs", nargs="+", metavar="INPUT")
+    s.add_argument("--out", required=True)
+    s.add_argument("--by", choices=("fixed", "vad"), default="fixed")
+    s.add_argument("--seconds", type=float, default=30.0, help="slice length for --by fixed (default 30)")
+    s.add_argument("--min-seconds", type=float, default=1.0, help="--by vad: drop shorter regions (default 1)")
+    s.add_argument("--max-seconds", type=float, default=30.0, help="--by vad: merge regions up to this (default 30)")
+    s.add_argument("--reencode", action="store_true", help="--by fixed: decode and encode again instead of stream copy")
+    s.set_defaults(fn=lambda a: data_segment(a.inputs, a.out, a.by, a.seconds, a.min_seconds, a.max_seconds, a.reencode))
+    s = data.add_parser("encode", help=_doc(data_encode).splitlines()[0], description=_doc(data_encode), formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--data", required=True, help="manifest to encode")
+    s.add_argument("--out", required=True, help="store folder (objects/, index.jsonl, rejects.jsonl, summary.json)")
+    s.add_argument("--encoder", required=True, help="encoder spec, trained model folder, or audio tokenizer folder")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--max-seconds", type=float, default=600.0, help="longer clips are rejected (default 600)")
+    s.set_defaults(fn=lambda a: data_encode(a.data, a.out, a.encoder, a.batch_size, a.max_seconds))
 
     s = stages.add_parser("train", help=_doc(train_cmd).splitlines()[0], description=_doc(train_cmd))
     s.add_argument("recipe", help="YAML recipe (see recipes/)")

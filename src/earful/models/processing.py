@@ -32,6 +32,29 @@ class PromptFormat:
     default_prompt: str = DEFAULT_PROMPT  # the user turn the model was trained with; transcribe/eval reuse it
 
 
+def featurize(feature_extractor, encoder_config, waves: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    """Each clip's features alone (Whisper: no 30 s padding), then padded to the longest with a mask.
+
+    -> `input_features` (B, F, T) mel frames or (B, T) samples, `input_features_mask` (B, T).
+    """
+    kwargs = {"sampling_rate": feature_extractor.sampling_rate, "return_tensors": "np"}
+    feats = []
+    for wave in waves:
+        if encoder_config.model_type == "whisper":
+            out = feature_extractor(wave, padding="longest", **kwargs)
+        else:
+            out = feature_extractor(wave, **kwargs)
+        feats.append(out["input_features" if "input_features" in out else "input_values"][0])
+    lengths = [f.shape[-1] for f in feats]
+    T = max(lengths)
+    batch = np.zeros((len(feats), *feats[0].shape[:-1], T), dtype=np.float32)
+    mask = np.zeros((len(feats), T), dtype=np.int64)
+    for i, (f, n) in enumerate(zip(feats, lengths)):
+        batch[i, ..., :n] = f
+        mask[i, :n] = 1
+    return {"input_features": torch.from_numpy(batch), "input_features_mask": torch.from_numpy(mask)}
+
+
 class SpeechLMProcessor:
     def __init__(self, tokenizer, feature_extractor, config: SpeechLMConfig, prompt_format: PromptFormat | None = None):
         self.tokenizer = tokenizer
@@ -72,27 +95,9 @@ class SpeechLMProcessor:
         (folder / PROCESSOR_FILE).write_text(json.dumps(asdict(self.prompt_format), indent=2) + "\n")
 
     # -- audio -----------------------------------------------------------------------------------
-    def _features_of(self, wave: np.ndarray) -> np.ndarray:
-        """One clip's features, time on the last axis: (F, T) mel frames or (T,) samples."""
-        kwargs = {"sampling_rate": self.sampling_rate, "return_tensors": "np"}
-        if self.config.encoder_config.model_type == "whisper":
-            out = self.feature_extractor(wave, padding="longest", **kwargs)  # no 30 s padding
-        else:
-            out = self.feature_extractor(wave, **kwargs)
-        key = "input_features" if "input_features" in out else "input_values"
-        return out[key][0]
-
     def featurize(self, waves: list[np.ndarray]) -> dict[str, torch.Tensor]:
         """Waveforms at `sampling_rate` -> padded `input_features` (B, F, T) or (B, T) and mask (B, T)."""
-        feats = [self._features_of(w) for w in waves]
-        lengths = [f.shape[-1] for f in feats]
-        T = max(lengths)
-        batch = np.zeros((len(feats), *feats[0].shape[:-1], T), dtype=np.float32)
-        mask = np.zeros((len(feats), T), dtype=np.int64)
-        for i, (f, n) in enumerate(zip(feats, lengths)):
-            batch[i, ..., :n] = f
-            mask[i, :n] = 1
-        return {"input_features": torch.from_numpy(batch), "input_features_mask": torch.from_numpy(mask)}
+        return featurize(self.feature_extractor, self.config.encoder_config, waves)
 
     def audio_positions(self, feature_lengths: torch.Tensor) -> torch.Tensor:
         """LLM positions each clip takes, from its feature length."""
