@@ -261,3 +261,47 @@ def test_encode_records_each_bad_kind_and_goes_on(tmp_path):
     assert all(v["reason"] for v in rejects.values())
     summary = json.loads((tmp_path / "store" / "summary.json").read_text())
     assert summary["in"] == 10 and summary["out"] == 4 and summary["rejected"] == 6
+
+
+# -- synthesise -----------------------------------------------------------------------------------
+def test_synth_speaks_lines_intelligibly_in_several_voices(tmp_path, whisper_dir):
+    import torch
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    from earful.audio import load_audio
+    from earful.eval.asr import normalize
+
+    lines = ["seven two nine", "the weather is nice today", "please call me tomorrow", "open the door"]
+    (tmp_path / "lines.txt").write_text("\n".join(lines) + "\n\n")
+    r = cli("data", "synth", "--text", tmp_path / "lines.txt", "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = read_manifest(tmp_path / "out" / "manifest.jsonl")
+    assert [u.text for u in rows] == lines
+    assert len({u.speaker for u in rows}) == 4 and all(sf.info(u.audio).samplerate == 16000 for u in rows)
+    # Whisper tiny.en, untouched, understands what the voices say.
+    model = WhisperForConditionalGeneration.from_pretrained(whisper_dir).eval()
+    processor = WhisperProcessor.from_pretrained(whisper_dir)
+    feats = processor([load_audio(u.audio) for u in rows], sampling_rate=16000, return_tensors="pt").input_features
+    with torch.no_grad():
+        heard = processor.batch_decode(model.generate(feats, max_new_tokens=20), skip_special_tokens=True)
+    right = [normalize(h) == normalize(t) for h, t in zip(heard, lines)]
+    assert sum(right) >= 3, list(zip(heard, lines))
+    # A rerun keeps what was written.
+    before = {u.audio: os.stat(u.audio).st_mtime_ns for u in rows}
+    assert cli("data", "synth", "--text", tmp_path / "lines.txt", "--out", tmp_path / "out").returncode == 0
+    assert {u.audio: os.stat(u.audio).st_mtime_ns for u in read_manifest(tmp_path / "out" / "manifest.jsonl")} == before
+
+
+def test_synth_spoken_instructions(tmp_path):
+    rows = [{"instruction": "Name a primary colour.", "output": "Red."}, {"question": "What is two plus two?", "answer": "Four."},
+            {"prompt": "x" * 700, "response": "too long to speak"}]
+    (tmp_path / "i.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = cli("data", "synth", "--instructions", tmp_path / "i.jsonl", "--out", tmp_path / "out", "--voices", "espeak:en-us,piper")
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = read_manifest(tmp_path / "out" / "manifest.jsonl")
+    assert [(u.text, u.prompt, u.response) for u in got] == [("Name a primary colour.", "<|audio|>", "Red."),
+                                                             ("What is two plus two?", "<|audio|>", "Four.")]
+    [rej] = [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert rej["line"] == 3 and "max-chars" in rej["reason"]
+    bad = cli("data", "synth", "--text", tmp_path / "i.jsonl", "--instructions", tmp_path / "i.jsonl", "--out", tmp_path / "o2")
+    assert bad.returncode == 2 and "exactly one" in bad.stderr

@@ -86,6 +86,27 @@ def data_segment(inputs: list[str], out: str, by: str = "fixed", seconds: float 
     return 0
 
 
+def data_synth(out: str, text: str | None = None, instructions: str | None = None, voices: str | None = None,
+               seed: int = 0, limit: int | None = None) -> int:
+    """Synthesise speech from text with the project's voices (Piper + espeak-ng) into OUT/manifest.jsonl.
+
+    --text FILE: one utterance a line (ASR data). --instructions FILE (.jsonl/.parquet with
+    prompt/response, instruction/output or question/answer): the prompt is spoken, the response is
+    the target (spoken-instruction data). --voices: comma list of piper, piper:VOICE.onnx, espeak:NAME.
+    """
+    from .data.spoken import DEFAULT_VOICES, read_instructions, read_lines, synthesize_corpus
+
+    if (text is None) == (instructions is None):
+        raise UsageError("give exactly one of --text FILE or --instructions FILE")
+    try:
+        lines = read_lines(text) if text else read_instructions(instructions)
+        s = synthesize_corpus(lines[:limit] if limit else lines, out, voices=voices or DEFAULT_VOICES, seed=seed)
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from None
+    print(f"{out}/manifest.jsonl: {s['out']} of {s['in']} spoken ({s['hours'] * 60:.1f} min, voices {', '.join(s['voices'])}), {s['rejected']} rejected")
+    return 0
+
+
 def data_encode(data: str, out: str, encoder: str, batch_size: int = 16, max_seconds: float = 600.0) -> int:
     """Pre-encode a manifest's audio with a frozen encoder (or an audio tokenizer) into OUT.
 
@@ -400,6 +421,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-seconds", type=float, default=30.0, help="--by vad: merge regions up to this (default 30)")
     s.add_argument("--reencode", action="store_true", help="--by fixed: decode and encode again instead of stream copy")
     s.set_defaults(fn=lambda a: data_segment(a.inputs, a.out, a.by, a.seconds, a.min_seconds, a.max_seconds, a.reencode))
+    s = data.add_parser("synth", help=_doc(data_synth).splitlines()[0], description=_doc(data_synth), formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--out", required=True)
+    s.add_argument("--text", help="a file of lines to speak")
+    s.add_argument("--instructions", help="instruction data (.jsonl or .parquet)")
+    s.add_argument("--voices", help="comma list (default: piper,espeak:en-us+m3,espeak:en+f2,espeak:en-gb-scotland)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--limit", type=int, help="only the first N lines")
+    s.set_defaults(fn=lambda a: data_synth(a.out, a.text, a.instructions, a.voices, a.seed, a.limit))
     s = data.add_parser("encode", help=_doc(data_encode).splitlines()[0], description=_doc(data_encode), formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--data", required=True, help="manifest to encode")
     s.add_argument("--out", required=True, help="store folder (objects/, index.jsonl, rejects.jsonl, summary.json)")

@@ -72,6 +72,8 @@ def _check_text(text: str) -> None:
 # thread-safe: every call goes through _ESPEAK_LOCK, and it is initialised once per process.
 
 _ESPEAK_LOCK = threading.Lock()
+# int SynthCallback(short *wav, int numsamples, espeak_EVENT *events): 0 = go on
+_SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
 _espeak: ctypes.CDLL | None = None
 _espeak_voice: str | None = None
 
@@ -100,6 +102,16 @@ def _espeak_library() -> ctypes.CDLL:
     lib.espeak_TextToPhonemes.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int]
     lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
 
+    # void espeak_SetSynthCallback(t_espeak_callback *cb); espeak_ERROR espeak_SetParameter(param, value, relative)
+    lib.espeak_SetSynthCallback.argtypes = [_SYNTH_CALLBACK]
+    lib.espeak_SetSynthCallback.restype = None
+    lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.espeak_SetParameter.restype = ctypes.c_int
+    # espeak_ERROR espeak_Synth(text, size, position, position_type, end_position, flags, unique_id*, user_data*)
+    lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint, ctypes.c_uint,
+                                 ctypes.c_void_p, ctypes.c_void_p]
+    lib.espeak_Synth.restype = ctypes.c_int
+
     data_path = loader.get_data_path()
     sample_rate = lib.espeak_Initialize(
         _AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path.encode(), _INITIALIZE_DONT_EXIT
@@ -110,6 +122,7 @@ def _espeak_library() -> ctypes.CDLL:
             f"reinstall espeakng-loader: {_INSTALL_HINT}"
         )
     logger.debug("espeak-ng initialised from %s", data_path)
+    lib.sample_rate = sample_rate
     _espeak = lib
     return lib
 
@@ -282,3 +295,48 @@ def synthesize_to_file(
     finally:
         tmp.unlink(missing_ok=True)
     return len(audio) / rate
+
+
+class EspeakVoice:
+    """espeak-ng's own formant voices: robotic but many (`en-us`, `en-gb`, `en-us+f3`, `en+m7`, ...),
+    at any rate and pitch: cheap speaker variety next to the Piper voice."""
+
+    def __init__(self, name: str = "en-us", rate: int = 175, pitch: int = 50):
+        self.name, self.rate, self.pitch = name, rate, pitch
+
+    @property
+    def sample_rate(self) -> int:
+        with _ESPEAK_LOCK:
+            return _espeak_library().sample_rate
+
+    def synthesize(self, text: str) -> np.ndarray:
+        """Speak `text`: float32 mono in [-1, 1] at `self.sample_rate`."""
+        global _espeak_voice
+        _check_text(text)
+        chunks: list[np.ndarray] = []
+
+        def collect(wav, n, _events):
+            if n > 0 and wav:
+                chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+            return 0
+
+        callback = _SYNTH_CALLBACK(collect)  # must outlive the call
+        with _ESPEAK_LOCK:
+            lib = _espeak_library()
+            if lib.espeak_SetVoiceByName(self.name.encode()) != 0:
+                _espeak_voice = None
+                raise ValueError(f"espeak-ng has no voice {self.name!r} (try en-us, en-gb, en-us+f3, en+m7)")
+            _espeak_voice = self.name  # phonemize() sets its own voice again when it differs
+            lib.espeak_SetParameter(_ESPEAK_RATE, int(self.rate), 0)
+            lib.espeak_SetParameter(_ESPEAK_PITCH, int(self.pitch), 0)
+            lib.espeak_SetSynthCallback(callback)
+            data = text.encode("utf-8") + b"\0"
+            err = lib.espeak_Synth(data, len(data), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
+            lib.espeak_SetParameter(_ESPEAK_RATE, 175, 0)
+            lib.espeak_SetParameter(_ESPEAK_PITCH, 50, 0)
+        if err != 0 or not chunks:
+            raise RuntimeError(f"espeak-ng could not speak {text[:40]!r} (error {err})")
+        return (np.concatenate(chunks).astype(np.float32) / 32768.0).clip(-1.0, 1.0)
+
+
+_ESPEAK_RATE, _ESPEAK_PITCH, _POS_CHARACTER = 1, 3, 1
