@@ -69,7 +69,7 @@ class FrozenEncoder:
             self.feature_extractor = AutoFeatureExtractor.from_pretrained(folder)
         self.encoder.to(device).eval()
         self.device, self.spec = torch.device(device), spec
-        self.identity = _identity(self.config.to_json_string(use_diff=False), self.encoder.state_dict())
+        self.identity = encoder_identity(self.encoder, self.config)
 
     @property
     def sampling_rate(self) -> int:
@@ -121,8 +121,31 @@ def load_encoder(spec: str, device: str | torch.device = "cpu"):
     return FrozenEncoder(spec, device)
 
 
-def _identity(config_json: str, state: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256(config_json.encode())
+def encoder_identity(encoder: torch.nn.Module, config) -> str:
+    """What makes two encoders give the same outputs: the architecture and every weight.
+
+    The architecture is the model type (weight shapes fix the sizes), so a listening LM's frozen
+    encoder and the pretrained encoder it came from share an identity, and a store serves both.
+    """
+    return _identity(config.model_type, encoder.state_dict())
+
+
+def find_objects(root: str | Path, identity: str, audio_paths: list[str]) -> dict[int, torch.Tensor]:
+    """{position: stored encoding} for the clips of `audio_paths` this encoder has in the store."""
+    root = Path(root)
+    if not (root / "objects").is_dir():
+        raise FileNotFoundError(f"{root}: not an encoded store (no objects/; fill it with `earful data encode`)")
+    found = {}
+    for i, path in enumerate(audio_paths):
+        obj = object_path(root, object_key(identity, path))
+        if obj.is_file():
+            with safe_open(obj, framework="pt") as f:
+                found[i] = f.get_tensor(next(iter(f.keys())))
+    return found
+
+
+def _identity(architecture: str, state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256(architecture.encode())
     for name in sorted(state):
         t = state[name].detach().to("cpu").contiguous()
         digest.update(name.encode())
@@ -139,8 +162,8 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def object_key(encoder_identity: str, audio_path: str | Path) -> str:
-    return hashlib.sha256(f"{encoder_identity}:{_file_sha256(Path(audio_path))}".encode()).hexdigest()
+def object_key(identity: str, audio_path: str | Path) -> str:
+    return hashlib.sha256(f"{identity}:{_file_sha256(Path(audio_path))}".encode()).hexdigest()
 
 
 def object_path(root: Path, key: str) -> Path:
