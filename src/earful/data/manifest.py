@@ -1,7 +1,8 @@
 """Manifests: JSON Lines, one utterance a line — the contract every stage reads and writes.
 
 Fields: `audio` (path, relative to the manifest's folder or absolute), `text` (transcript, may be
-empty), optional `id`, `speaker`, `duration` (seconds), `prompt` / `response` (instruction data).
+empty), optional `id`, `speaker`, `duration` (seconds), `prompt` / `response` (instruction data),
+`words` (word timestamps: a list of {word, start, end} in seconds).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Utterance:
     duration: float | None = None
     prompt: str | None = None
     response: str | None = None
+    words: list | None = None  # word timestamps [{"word", "start", "end"}] (s), for interleaved sequences
 
     def to_json(self, relative_to: Path | None = None) -> dict:
         row = {k: v for k, v in asdict(self).items() if v is not None}

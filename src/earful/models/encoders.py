@@ -94,7 +94,8 @@ class WaveformEncoder(nn.Module):
         # Base wav2vec2 (group norm front end) was trained without attention masks; pass one
         # only where the config says the model expects it, as transformers' docs advise.
         use_mask = input_features_mask is not None and getattr(self.model.config, "feat_extract_norm", "layer") == "layer"
-        out = self.model(input_features, attention_mask=input_features_mask if use_mask else None)
+        # kwargs reach the model (e.g. output_hidden_states=True for a unit tokenizer's layer features).
+        out = self.model(input_features, attention_mask=input_features_mask if use_mask else None, **kwargs)
         T_out = out.last_hidden_state.shape[1]
         if input_features_mask is None:
             hidden_mask = torch.ones(out.last_hidden_state.shape[:2], dtype=torch.bool, device=input_features.device)

@@ -1,0 +1,129 @@
+"""One interface for every audio tokenizer: waveform -> token ids, and back where it can.
+
+    tok = load_audio_tokenizer("runs/units/k500")
+    ids = tok.encode(load_audio("clip.wav", tok.sampling_rate))   # list[int], each in [0, vocab_size)
+    wave = tok.decode(ids)                                        # codec tokenizers only
+
+Symbols: `vocab_size` ids, `frame_rate` frames per second of audio, `tokens_per_frame` ids per
+frame (1 for units, N codebooks for a codec), so a clip of S seconds gives about
+S * frame_rate * tokens_per_frame ids (fewer for deduplicated units).
+
+A tokenizer is saved as a folder holding `audio_tokenizer.json` (its kind and settings) plus
+whatever the kind needs (k-means centroids); `load_audio_tokenizer` reads any kind back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+CONFIG_FILE = "audio_tokenizer.json"
+
+
+class AudioTokenizerError(ValueError):
+    """A tokenizer folder or token sequence that cannot be used; the message names which and why."""
+
+
+class DecodeUnsupported(AudioTokenizerError):
+    """The tokenizer cannot turn ids back into audio (k-means units have no vocoder)."""
+
+
+class AudioTokenizer(ABC):
+    kind: str  # written to audio_tokenizer.json, picks the class on load
+    can_decode: bool = False
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def frame_rate(self) -> float: ...
+
+    @property
+    @abstractmethod
+    def sampling_rate(self) -> int: ...
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return 1
+
+    @abstractmethod
+    def encode_batch(self, waves: list[np.ndarray]) -> list[list[int]]:
+        """Token ids of each waveform (float32 mono at `sampling_rate`)."""
+
+    def encode(self, audio: np.ndarray) -> list[int]:
+        return self.encode_batch([audio])[0]
+
+    def decode(self, ids: list[int]) -> np.ndarray:
+        raise DecodeUnsupported(f"a {self.kind} tokenizer cannot turn token ids back into audio; "
+                                "write the ids (.json) instead, or use a codec tokenizer")
+
+    @abstractmethod
+    def config(self) -> dict:
+        """What `audio_tokenizer.json` holds besides `kind`."""
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / CONFIG_FILE, json.dumps({"kind": self.kind, **self.config()}, indent=2) + "\n")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def read_config(folder: str | Path) -> dict:
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise AudioTokenizerError(f"{path.parent}: not an audio tokenizer folder (no {CONFIG_FILE}); "
+                                  "make one with `earful units fit`")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AudioTokenizerError(f"{path}: not JSON ({e.msg})") from None
+    if not isinstance(config, dict) or "kind" not in config:
+        raise AudioTokenizerError(f"{path}: expected an object with a 'kind' (units or codec)")
+    return config
+
+
+def load_audio_tokenizer(folder: str | Path) -> AudioTokenizer:
+    """Any saved audio tokenizer, by the `kind` in its folder's audio_tokenizer.json."""
+    kind = read_config(folder)["kind"]
+    if kind == "units":
+        from .units import UnitTokenizer
+
+        return UnitTokenizer.from_pretrained(folder)
+    if kind == "codec":
+        from .codec import CodecTokenizer
+
+        return CodecTokenizer.from_pretrained(folder)
+    raise AudioTokenizerError(f"{Path(folder) / CONFIG_FILE}: unknown kind {kind!r} (expected units or codec)")
+
+
+def deduplicate(ids: list[int]) -> list[int]:
+    """Collapse runs of a repeated id to one (Slam, GSLM): 7 7 7 3 3 7 -> 7 3 7."""
+    return [t for i, t in enumerate(ids) if i == 0 or t != ids[i - 1]]

@@ -1,0 +1,134 @@
+"""The trainer's parts for a discrete speech LM: sound tokens in a causal LM, sequences of a manifest.
+
+`train()` (trainer.py) runs the same loop for both model families; for `model.kind: units` it
+takes its model, batches, loss and saving from here. Audio is tokenised once, before the first
+step (the audio tokenizer is frozen: never pay twice for it), and each utterance becomes one
+token sequence in the recipe's `data.format` (earful.data.sequences).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..audio import load_audio
+from ..data.manifest import Utterance, read_manifest
+from ..data.sequences import IGNORE, TokenSequence, aligned, asr, interleaved, speech, tts, words_of
+from ..models.vocab import UnitLM, build_unit_lm, load_unit_lm, save_unit_lm
+from ..tokenizers import load_audio_tokenizer
+from .recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+
+def tokenize_audio(audio_tokenizer, utterances: list[Utterance], frames: bool = False, batch_size: int = 16,
+                   max_seconds: float | None = 30.0, desc: str = "tokenising audio") -> list[list[int]]:
+    """Each utterance's token ids, in order. `frames`: one unit per frame (no dedup), for aligned formats."""
+    kwargs = {"dedup": False} if frames and audio_tokenizer.kind == "units" else {}
+    order = sorted(range(len(utterances)), key=lambda i: utterances[i].duration or 0.0)
+    out: list[list[int] | None] = [None] * len(utterances)
+    for s in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        idx = order[s : s + batch_size]
+        waves = [load_audio(utterances[i].audio, audio_tokenizer.sampling_rate, max_seconds=max_seconds) for i in idx]
+        for i, ids in zip(idx, audio_tokenizer.encode_batch(waves, **kwargs)):
+            out[i] = ids
+    return out
+
+
+def build_sequences(lm: UnitLM, utterances: list[Utterance], units: list[list[int]], fmt: str,
+                    text_delay: float = 0.0, max_span_words: int = 3, seed: int = 0) -> list[TokenSequence]:
+    """One token sequence per utterance in format `fmt`."""
+    vocab, tok, at = lm.vocab, lm.tokenizer, lm.audio_tokenizer
+    rng = random.Random(seed)  # interleaving draws its spans once, reproducibly
+    dedup = at.kind == "units" and at.dedup
+    seqs = []
+    for u, ids in zip(utterances, units):
+        if fmt == "speech":
+            seqs.append(speech(vocab, ids))
+        elif fmt == "asr":
+            seqs.append(asr(vocab, tok, ids, u.text))
+        elif fmt == "tts":
+            seqs.append(tts(vocab, tok, u.text, ids))
+        else:
+            words = words_of(u.words, u.text, u.duration, u.audio)
+            if fmt == "interleaved":
+                seqs.append(interleaved(vocab, tok, ids, at.frame_rate, words, rng, max_span_words, dedup, at.tokens_per_frame))
+            else:
+                seqs.append(aligned(vocab, tok, ids, at.frame_rate, words, text_delay, dedup, at.tokens_per_frame))
+    return seqs
+
+
+def pad_batch(seqs: list[TokenSequence], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask`, `labels` (B, L)."""
+    B, L = len(seqs), max(len(s) for s in seqs)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, L), dtype=torch.long)
+    labels = torch.full((B, L), IGNORE, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s.input_ids)
+        attention_mask[i, : len(s)] = 1
+        labels[i, : len(s)] = torch.tensor(s.labels)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss, computing the output layer only where a label is (as the listening LM does).
+
+    Same value as `model(..., labels=labels).loss`; a units LM's vocabulary is the text one plus
+    the units, and most ASR/TTS positions carry no label.
+    """
+    if getattr(model.config, "final_logit_softcapping", None):
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, D)
+    targets = labels[:, 1:]  # (B, L-1)
+    keep = targets != IGNORE
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (n_labelled, V)
+    return nn.functional.cross_entropy(logits.float(), targets[keep])
+
+
+class UnitsBatcher:
+    """Token sequences of a manifest, tokenised once; indices -> padded batches on `device`."""
+
+    def __init__(self, lm: UnitLM, recipe: Recipe, manifest: str, device: torch.device, desc: str):
+        d = recipe.data
+        self.utterances = read_manifest(manifest)
+        start = time.perf_counter()
+        units = tokenize_audio(lm.audio_tokenizer, self.utterances, frames=d.format in ("interleaved", "aligned"),
+                               batch_size=recipe.train.batch_size, max_seconds=d.max_seconds, desc=desc)
+        self.sequences = build_sequences(lm, self.utterances, units, d.format, d.text_delay, d.max_span_words, recipe.train.seed)
+        logger.info("%s: %d utterances -> %d tokens in %.1f s", desc, len(units), sum(map(len, self.sequences)), time.perf_counter() - start)
+        tok = lm.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.device = device
+        self.cache = None  # nothing of the model is cached: the audio is already tokens
+
+    def lengths(self) -> list[float]:
+        return [float(len(s)) for s in self.sequences]
+
+    def durations(self) -> list[float]:
+        return [u.duration or 0.0 for u in self.utterances]
+
+    def __call__(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in pad_batch([self.sequences[i] for i in idx], self.pad_id).items()}
+
+
+def build_units_lm(recipe: Recipe) -> UnitLM:
+    m = recipe.model
+    if m.init_from:
+        lm = load_unit_lm(m.init_from)
+        if lm.audio_tokenizer is None:
+            raise ValueError(f"{m.init_from}: a units LM without an audio tokenizer (audio_tokenizer/) cannot be trained on audio")
+        return lm
+    audio_tokenizer = load_audio_tokenizer(m.audio_tokenizer)
+    model, tokenizer, vocab = build_unit_lm(m.llm, audio_tokenizer.vocab_size)
+    return UnitLM(model, tokenizer, vocab, audio_tokenizer)
+
+
+def save_units(lm: UnitLM, out_dir: Path) -> None:
+    save_unit_lm(lm, out_dir)
