@@ -139,3 +139,98 @@ def test_bad_recipe_is_one_clear_error(tmp_path):
     r = run_cli("train", Path(__file__).parents[1] / "recipes" / "digits.yaml", "--out", tmp_path / "x", "--set", "train.batch_size=0", "train.nope=1")
     assert r.returncode == 2
     assert "train.batch_size" in r.stderr and "train.nope" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_training_reads_the_pre_encoded_store(tiny_parts, manifests, tmp_path):
+    """`earful data encode` fills a store; `data.encoded` makes the trainer read the frozen encoder's
+    outputs from it instead of running the encoder, with the same losses."""
+    store = tmp_path / "store"
+    r = run_cli("data", "encode", "--data", manifests[0], "--out", store, "--encoder", tiny_parts[0], "--batch-size", 8)
+    assert r.returncode == 0, r.stderr[-2000:]
+    recipe = Path(__file__).parents[1] / "recipes" / "digits.yaml"
+    args = recipe_args(tiny_parts, manifests, max_steps=4, eval_every=0, log_every=1, save_every=0)
+    plain = run_cli("train", recipe, "--out", tmp_path / "plain", *args)
+    stored = run_cli("-v", "train", recipe, "--out", tmp_path / "stored", *args, f"data.encoded={store}")
+    assert plain.returncode == 0 and stored.returncode == 0, stored.stderr[-3000:]
+    assert "60 of 60 clips read from" in stored.stderr and "0 of 10 clips read from" in stored.stderr  # eval clips are not in it
+    a = [row["loss"] for row in log_rows(tmp_path / "plain") if "loss" in row]
+    b = [row["loss"] for row in log_rows(tmp_path / "stored") if "loss" in row]
+    assert len(a) == 4 and a == pytest.approx(b, abs=1e-4)
+
+
+def test_lora_with_layer_dropping_and_the_text_gate(tiny_parts, manifests, tmp_path):
+    """LoRA on the LLM (peft) after keeping every 2nd decoder layer: only adapters and projector
+    train, the saved folder is a plain model with the adapters merged and one layer fewer, and the
+    text-ability gate measures the LLM before and after (and fails the run past its limit)."""
+    recipe = Path(__file__).parents[1] / "recipes" / "digits.yaml"
+    args = recipe_args(tiny_parts, manifests, max_steps=6, eval_every=0, log_every=1, save_every=0, lr=5e-2)
+    out = tmp_path / "lora"
+    r = run_cli("train", recipe, "--out", out, *args, "model.lora=llm", "model.lora_r=4", "model.keep_every_nth_layer=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert "LoRA on language_model" in r.stderr and "kept 1 of 2 decoder layers" in r.stderr
+    gate = summary["text_ability"]
+    assert gate["before"]["mc_questions"] == 40 and "text_nll_increase" in gate and summary["text_gate_passed"]
+
+    saved = load_file(str(out / "model.safetensors"))
+    assert not any("lora" in k for k in saved)  # merged: loads without peft
+    assert not any(k.startswith("language_model.model.layers.1.") for k in saved)
+    enc_ref = load_file(str(tiny_parts[0] / "model.safetensors"))
+    llm_ref = load_file(str(tiny_parts[1] / "model.safetensors"))
+    torch.testing.assert_close(saved["audio_tower.layers.0.fc1.weight"], enc_ref["model.encoder.layers.0.fc1.weight"], rtol=0, atol=0)
+    # Layer 0 kept its place; LoRA's merged update moved its linear weights, not the norms it does not touch.
+    assert not torch.equal(saved["language_model.model.layers.0.self_attn.q_proj.weight"], llm_ref["model.layers.0.self_attn.q_proj.weight"])
+    torch.testing.assert_close(saved["language_model.model.layers.0.input_layernorm.weight"], llm_ref["model.layers.0.input_layernorm.weight"], rtol=0, atol=0)
+
+    from earful.models.build import load_speech_lm
+
+    model, _ = load_speech_lm(out)
+    assert model.config.text_config.num_hidden_layers == 1 and len(model.language_model.model.layers) == 1
+
+    # A limit no run can meet: the model is saved, the run fails with the reason.
+    r = run_cli("train", recipe, "--out", tmp_path / "strict", *args, "model.lora=llm", "train.max_text_nll_increase=-100")
+    assert r.returncode == 3 and "lost text ability" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "strict" / "model.safetensors").exists()
+
+
+def test_ddp_on_two_torchrun_processes_matches_one(tiny_parts, manifests, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo, CPU): each rank takes half of every batch, DDP averages the
+    gradients, and the loss curve is the one process's with the same global batch."""
+    recipe = Path(__file__).parents[1] / "recipes" / "digits.yaml"
+    args = recipe_args(tiny_parts, manifests, max_steps=5, eval_every=0, log_every=1, save_every=0, lr=2e-2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = run_cli("train", recipe, "--out", tmp_path / "one", *args, "model.freeze_decoder=false", env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "earful", "train", str(recipe), "--out", str(tmp_path / "two"),
+                          *map(str, args), "model.freeze_decoder=false"], capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = [row["loss"] for row in log_rows(tmp_path / "one") if "loss" in row]
+    b = [row["loss"] for row in log_rows(tmp_path / "two") if "loss" in row]
+    assert len(a) == len(b) == 5  # one log, written once (rank 0)
+    assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
+    assert a[-1] < a[0]
+    assert json.loads((tmp_path / "two" / "train_summary.json").read_text())["world_size"] == 2
+    # The same weights come out.
+    wa, wb = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    for k in ("multi_modal_projector.linear_1.weight", "language_model.model.layers.1.mlp.up_proj.weight"):
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_samples_and_wandb_offline(tiny_parts, manifests, tmp_path):
+    """At eval steps the eval clips' audio and the model's answers go to TensorBoard and, offline,
+    to Weights & Biases, next to every logged metric."""
+    pytest.importorskip("wandb", reason="wandb is not installed (pip install 'earful[track]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = Path(__file__).parents[1] / "recipes" / "digits.yaml"
+    out = tmp_path / "run"
+    r = run_cli("train", recipe, "--out", out, *recipe_args(tiny_parts, manifests, max_steps=4, eval_every=2, log_every=1, save_every=0,
+                                                               log_samples=2, wandb="offline"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"audio": 0, "tensors": 0}).Reload()
+    assert {"sample_0/audio", "sample_1/audio"} <= set(acc.Tags()["audio"])
+    assert [e.step for e in acc.Audio("sample_0/audio")] == [2, 4]
+    assert any(t.startswith("sample_0/answer") for t in acc.Tags()["tensors"])
+    [run_dir] = list((out / "wandb").glob("offline-run-*"))
+    assert list(run_dir.glob("*.wandb")) and (run_dir / "files").is_dir()

@@ -129,12 +129,15 @@ def train_cmd(recipe: str, out: str, set: list[str] | None = None, resume: bool 
     """Train a listening or units LM per a YAML recipe; OUT becomes a save_pretrained model folder.
 
     --set section.key=value overrides the recipe (e.g. --set train.max_steps=3 data.train=M.jsonl).
-    --resume continues from OUT/checkpoint.pt exactly where it stopped.
+    --resume continues from OUT/checkpoint.pt exactly where it stopped. Under `torchrun
+    --nproc_per_node N -m earful train ...` the ranks share each batch (DDP); rank 0 writes.
     """
     from .train.recipe import load_recipe
     from .train.trainer import train
 
     summary = train(load_recipe(recipe, set or []), out, resume=resume)
+    if summary.get("rank", 0) != 0:
+        return
     print(f"trained {summary['steps']} steps in {summary['train_seconds']:.0f} s "
           f"(final loss {summary['final_loss']:.4f}, eval loss {summary['eval_loss'] if summary['eval_loss'] is None else round(summary['eval_loss'], 4)}); model saved to {out}")
 
@@ -550,3 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        from .train.trainer import TextAbilityRegression
+
+        if isinstance(e, TextAbilityRegression):
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+        raise

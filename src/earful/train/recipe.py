@@ -22,6 +22,8 @@ class RecipeError(ValueError):
 
 @dataclass
 class ModelRecipe:
+    kind: str = "listening"  # listening (encoder -> projector -> LLM) | units (sound tokens in the LLM's vocabulary)
+    audio_tokenizer: str | None = None  # units: an audio tokenizer folder (earful units fit)
     encoder: str = "bundled:whisper-tiny.en"  # model spec: hub id, local folder or bundled:NAME
     llm: str = "bundled:smollm2-135m-instruct"  # model spec of the causal LM
     init_from: str | None = None  # a trained earful folder to continue from (encoder/llm then unused)
@@ -34,6 +36,11 @@ class ModelRecipe:
     freeze_projector: bool = False
     freeze_decoder: bool = True  # keeps the LLM's text ability intact
     gradient_checkpointing: bool = False  # trade compute for memory in the trained parts
+    lora: str | None = None  # LoRA adapters (peft) on: llm | encoder | both; only they train in that part, merged on save
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    keep_every_nth_layer: int = 1  # layer dropping: keep decoder layers 0, n, 2n, ... of the LLM (1: all)
 
 
 @dataclass
@@ -43,6 +50,10 @@ class DataRecipe:
     prompt: str = DEFAULT_PROMPT  # user turn for utterances without their own prompt
     max_seconds: float = 30.0  # longer clips are refused (Whisper's window)
     speed_perturb: list = field(default_factory=lambda: [1.0])  # speed-perturbed copies, e.g. [0.9, 1.0, 1.1]
+    encoded: str | None = None  # a store `earful data encode` filled: a frozen encoder's outputs are read from it
+    format: str = "speech"  # units: speech | asr | tts | interleaved | aligned (earful.data.sequences)
+    text_delay: float = 0.0  # units, aligned: seconds a word's text follows its speech (< 0: text first)
+    max_span_words: int = 3  # units, interleaved: longest run of words in one modality
 
 
 @dataclass
@@ -61,6 +72,12 @@ class TrainRecipe:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     num_threads: int | None = None  # torch CPU threads (null: torch's default)
+    log_samples: int = 2  # eval clips whose audio and generated answer are logged at each eval (listening family)
+    wandb: str = "auto"  # auto (when wandb is installed and WANDB_MODE / WANDB_API_KEY / WANDB_PROJECT is set) | off | offline | online
+    wandb_project: str = "earful"
+    text_gate: str = "auto"  # text-only check of the LLM before and after: auto (when the LLM trains) | on | off
+    max_text_nll_increase: float | None = None  # fail the run when held-out text NLL rises more (nats/token)
+    max_mc_accuracy_drop: float | None = None  # fail the run when multiple-choice accuracy falls more (0-1)
 
 
 @dataclass
@@ -109,6 +126,8 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
         hints = get_type_hints(cls)
         good = {}
         for key, value in values.items():
+            if hints.get(key) is str and isinstance(value, bool):
+                value = "on" if value else "off"  # YAML reads a bare on/off as a boolean
             if key not in hints:
                 problems.append(f"{name}.{key}: unknown key (known: {', '.join(hints)})")
             elif not _check_type(value, hints[key]):
@@ -132,6 +151,30 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
         problems.append("data.train: no training manifest (set it in the recipe or with --set data.train=M.jsonl)")
     if recipe.data.prompt.count("<|audio|>") != 1:
         problems.append(f"data.prompt: must hold exactly one <|audio|>, found {recipe.data.prompt!r}")
+    m = recipe.model
+    if m.lora not in (None, "llm", "encoder", "both"):
+        problems.append(f"model.lora: expected llm, encoder or both (or null), found {m.lora!r}")
+    if m.lora and m.kind != "listening":
+        problems.append("model.lora: adapters are for the listening family here (a units LM trains its new embeddings in full)")
+    if m.keep_every_nth_layer < 1:
+        problems.append(f"model.keep_every_nth_layer: must be >= 1, found {m.keep_every_nth_layer}")
+    if recipe.train.wandb not in ("auto", "off", "offline", "online"):
+        problems.append(f"train.wandb: expected auto, off, offline or online, found {recipe.train.wandb!r}")
+    if recipe.train.text_gate not in ("auto", "on", "off"):
+        problems.append(f"train.text_gate: expected auto, on or off, found {recipe.train.text_gate!r}")
+    if m.kind not in ("listening", "units"):
+        problems.append(f"model.kind: expected listening or units, found {m.kind!r}")
+    if m.kind == "units":
+        from ..data.sequences import FORMATS
+
+        if m.audio_tokenizer is None and m.init_from is None:
+            problems.append("model.audio_tokenizer: a units LM needs an audio tokenizer folder (make one with `earful units fit`)")
+        if m.freeze_decoder:
+            problems.append("model.freeze_decoder: a units LM learns its new sound tokens inside the LLM; set it to false")
+        if recipe.data.format not in FORMATS:
+            problems.append(f"data.format: expected one of {', '.join(FORMATS)}, found {recipe.data.format!r}")
+        if recipe.data.max_span_words < 1:
+            problems.append(f"data.max_span_words: must be >= 1, found {recipe.data.max_span_words}")
     if problems:
         raise RecipeError(f"{source}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
     return recipe

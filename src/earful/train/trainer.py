@@ -4,7 +4,9 @@ AdamW, linear warm-up then cosine decay, gradient accumulation and clipping, bf1
 (fp32 on CPU), periodic evaluation, a progress bar, metrics to JSON Lines and TensorBoard, and
 resumable checkpoints written atomically. When the encoder is frozen its outputs are computed
 once, before the first step, and reused every epoch (SlamKit's lesson: never pay twice for a
-frozen stage).
+frozen stage). One loop serves both model families: `model.kind: listening` takes its parts from
+`listening_parts`, `model.kind: units` (sound tokens in the LLM, audio tokenised once) from
+`units_parts` (train/units.py).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import os
 import random
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -67,7 +71,19 @@ def build_model(recipe: Recipe) -> tuple[SpeechLMForConditionalGeneration, Speec
             prompt_format=PromptFormat(system_prompt=m.system_prompt, use_chat_template=m.chat_template),
         )
     processor.prompt_format.default_prompt = recipe.data.prompt  # saved with the model, reused by transcribe/eval
+    if m.keep_every_nth_layer > 1:
+        from .adapt import drop_layers
+
+        drop_layers(model.language_model, m.keep_every_nth_layer)
+        model.config.text_config = model.language_model.config
     model.freeze(encoder=m.freeze_encoder, projector=m.freeze_projector, decoder=m.freeze_decoder)
+    if m.lora:
+        from .adapt import add_lora
+
+        # LoRA trains adapters instead of the part itself: its base weights freeze, whatever freeze_* says.
+        for part in (("llm", "encoder") if m.lora == "both" else (m.lora,)):
+            getattr(model, {"llm": "language_model", "encoder": "audio_tower"}[part]).requires_grad_(False)
+            add_lora(model, part, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout)
     if m.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     return model, processor
@@ -81,9 +97,26 @@ class Batcher:
         self.cache: dict[int, torch.Tensor] | None = {} if cache else None
 
     @torch.no_grad()
-    def fill_cache(self, batch_size: int, desc: str) -> None:
-        """Run the frozen encoder once over every clip, longest first (little padding)."""
-        order = length_grouped_batches(self.dataset.lengths(), batch_size, seed=0, shuffle=False)
+    def fill_cache(self, batch_size: int, desc: str, store: str | None = None) -> None:
+        """Run the frozen encoder once over every clip, longest first (little padding).
+
+        With `store` (a folder `earful data encode` filled), clips this encoder already encoded
+        there are read instead; the rest (other clips, speed-perturbed copies) are encoded here.
+        """
+        todo = list(range(len(self.dataset)))
+        if store:
+            from ..data.shards import encoder_identity, find_objects
+
+            n = len(self.dataset.utterances)
+            found = find_objects(store, encoder_identity(self.model.audio_tower, self.model.config.encoder_config),
+                                 [self.dataset.utterance(i).audio for i in range(n)] if self.dataset.speeds[0] == 1.0 else [])
+            for i, tensor in found.items():
+                self.cache[i] = tensor
+            todo = [i for i in todo if i not in found]
+            logger.info("%s: %d of %d clips read from %s, %d to encode", desc, len(found), len(self.dataset), store, len(todo))
+        lengths = self.dataset.lengths()
+        order = length_grouped_batches([lengths[i] for i in todo], batch_size, seed=0, shuffle=False)
+        order = [[todo[j] for j in b] for b in order]
         self.model.audio_tower.eval()
         for idx in tqdm(order, desc=desc, unit="batch", leave=False):
             items = [self.dataset[i] for i in idx]
@@ -91,6 +124,9 @@ class Batcher:
             hidden, mask = self.model.encode_audio(feats["input_features"].to(self.device), feats["input_features_mask"].to(self.device))
             for j, i in enumerate(idx):
                 self.cache[i] = hidden[j, : int(mask[j].sum())].to("cpu", torch.float32).clone()
+
+    def lengths(self) -> list[float]:
+        return self.dataset.lengths()
 
     def __call__(self, idx: list[int]) -> dict[str, torch.Tensor]:
         utts = [self.dataset.utterance(i) for i in idx]
@@ -138,15 +174,24 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names}
 
 
+def loss_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean next-token loss of a batch, for either model family."""
+    if hasattr(model, "training_loss"):  # the listening LM
+        return model.training_loss(**batch)
+    from .units import causal_lm_loss
+
+    return causal_lm_loss(model, **batch)
+
+
 @torch.no_grad()
-def evaluate_loss(model, batcher: Batcher, batch_size: int, amp) -> float:
+def evaluate_loss(model, batcher, batch_size: int, amp) -> float:
     """Mean token loss over the whole eval set (token-weighted)."""
     model.eval()
     total, tokens = 0.0, 0
-    for idx in length_grouped_batches(batcher.dataset.lengths(), batch_size, seed=0, shuffle=False):
+    for idx in length_grouped_batches(batcher.lengths(), batch_size, seed=0, shuffle=False):
         batch = batcher(idx)
         with amp:
-            loss = model.training_loss(**batch)
+            loss = loss_of(model, batch)
         n = int((batch["labels"][:, 1:] != -100).sum())
         total += float(loss) * n
         tokens += n
@@ -154,6 +199,98 @@ def evaluate_loss(model, batcher: Batcher, batch_size: int, amp) -> float:
     if batcher.cache is not None:
         model.audio_tower.eval()
     return total / max(tokens, 1)
+
+
+@dataclass
+class Parts:
+    """What the training loop needs from a model family."""
+
+    model: torch.nn.Module
+    train_batches: Callable  # indices -> a batch on the device; .lengths() groups batches by length
+    eval_batches: Callable | None
+    durations: list[float]  # audio seconds of each training example (for the audio_s_per_s log)
+    n_utterances: int
+    save: Callable[[Path], None]  # writes the trained model as a save_pretrained folder
+    text_model: Callable[[], tuple] | None = None  # () -> (causal LM, tokenizer) for the text-ability gate
+    samples: Callable[[int], list[dict]] | None = None  # n -> eval clips with audio, reference and the model's answer
+
+
+class TextAbilityRegression(RuntimeError):
+    """The LLM lost more text ability in training than the recipe allows."""
+
+
+def _text_gate_on(recipe: Recipe, model: torch.nn.Module, parts: Parts) -> bool:
+    if parts.text_model is None or recipe.train.text_gate == "off":
+        return False
+    if recipe.train.text_gate == "on":
+        return True
+    llm = parts.text_model()[0]
+    return any(p.requires_grad for p in llm.parameters()) or recipe.model.keep_every_nth_layer > 1
+
+
+def _check_trainable(model: torch.nn.Module) -> None:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("every part is frozen: unfreeze the projector, encoder or decoder in the recipe")
+    logger.info("trainable parameters: %.2fM of %.1fM", sum(p.numel() for p in trainable) / 1e6,
+                sum(p.numel() for p in model.parameters()) / 1e6)
+
+
+def listening_parts(recipe: Recipe, device: torch.device) -> Parts:
+    """Encoder -> projector -> LLM; a frozen encoder's outputs are computed once and cached."""
+    t = recipe.train
+    model, processor = build_model(recipe)
+    model.to(device).train()
+    encoder_fixed = recipe.model.freeze_encoder and recipe.model.lora not in ("encoder", "both")
+    if encoder_fixed:
+        model.audio_tower.eval()  # a frozen encoder runs without dropout, so its outputs can be cached
+    _check_trainable(model)
+
+    sr = processor.sampling_rate
+    train_set = SpeechDataset(read_manifest(recipe.data.train), sr, recipe.data.prompt, recipe.data.max_seconds, recipe.data.speed_perturb)
+    eval_set = SpeechDataset(read_manifest(recipe.data.eval), sr, recipe.data.prompt, recipe.data.max_seconds) if recipe.data.eval else None
+    cache = encoder_fixed
+    train_batches = Batcher(train_set, processor, model, device, cache)
+    eval_batches = Batcher(eval_set, processor, model, device, cache) if eval_set else None
+    if cache:
+        start = time.perf_counter()
+        train_batches.fill_cache(t.batch_size, "encoding train audio (frozen encoder, once)", recipe.data.encoded)
+        if eval_batches:
+            eval_batches.fill_cache(t.batch_size, "encoding eval audio (frozen encoder, once)", recipe.data.encoded)
+        logger.info("cached frozen encoder outputs in %.1f s", time.perf_counter() - start)
+    return Parts(model, train_batches, eval_batches, train_set.lengths(), len(train_set.utterances),
+                 lambda out: save_final(model, processor, out), text_model=lambda: (model.language_model, processor.tokenizer),
+                 samples=(lambda n: _listening_samples(model, processor, eval_set, n)) if eval_set else None)
+
+
+@torch.no_grad()
+def _listening_samples(model, processor: SpeechLMProcessor, dataset: SpeechDataset, n: int) -> list[dict]:
+    from ..eval.asr import generate_text
+
+    items = [dataset[i] for i in range(min(n, len(dataset)))]
+    was_training = model.training
+    model.eval()
+    try:
+        answers = generate_text(model, processor, [it["audio"] for it in items], [it["prompt"] for it in items], max_new_tokens=32)
+    finally:
+        model.train(was_training)
+        if not any(p.requires_grad for p in model.audio_tower.parameters()):
+            model.audio_tower.eval()  # a frozen encoder stays in eval mode, as when its outputs were cached
+    return [{"audio": it["audio"], "sampling_rate": dataset.sampling_rate, "reference": it["response"], "answer": a}
+            for it, a in zip(items, answers)]
+
+
+def units_parts(recipe: Recipe, device: torch.device) -> Parts:
+    """Sound tokens in a causal LM; the audio is tokenised once, before the first step."""
+    from .units import UnitsBatcher, build_units_lm, save_units
+
+    lm = build_units_lm(recipe)
+    lm.model.to(device).train()
+    _check_trainable(lm.model)
+    train_batches = UnitsBatcher(lm, recipe, recipe.data.train, device, "tokenising train audio (once)")
+    eval_batches = UnitsBatcher(lm, recipe, recipe.data.eval, device, "tokenising eval audio (once)") if recipe.data.eval else None
+    return Parts(lm.model, train_batches, eval_batches, train_batches.durations(), len(train_batches.utterances),
+                 lambda out: save_units(lm, out))
 
 
 def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
@@ -169,33 +306,22 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
     random.seed(t.seed)
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
+    rank, world = _init_distributed()
     device = pick_device(t.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     amp = autocast_for(device, t.precision)
+    main_rank = rank == 0  # only rank 0 writes logs, checkpoints and the model
 
     # -- model and data ------------------------------------------------------------------------
-    model, processor = build_model(recipe)
-    model.to(device).train()
-    if recipe.model.freeze_encoder:
-        model.audio_tower.eval()  # a frozen encoder runs without dropout, so its outputs can be cached
+    parts = units_parts(recipe, device) if recipe.model.kind == "units" else listening_parts(recipe, device)
+    model, train_batches, eval_batches = parts.model, parts.train_batches, parts.eval_batches
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError("every part is frozen: unfreeze the projector, encoder or decoder in the recipe")
     n_trainable = sum(p.numel() for p in trainable)
-    logger.info("trainable parameters: %.2fM of %.1fM", n_trainable / 1e6, sum(p.numel() for p in model.parameters()) / 1e6)
 
-    sr = processor.sampling_rate
-    train_set = SpeechDataset(read_manifest(recipe.data.train), sr, recipe.data.prompt, recipe.data.max_seconds, recipe.data.speed_perturb)
-    eval_set = SpeechDataset(read_manifest(recipe.data.eval), sr, recipe.data.prompt, recipe.data.max_seconds) if recipe.data.eval else None
-    cache = recipe.model.freeze_encoder
-    train_batches = Batcher(train_set, processor, model, device, cache)
-    eval_batches = Batcher(eval_set, processor, model, device, cache) if eval_set else None
-    if cache:
-        start = time.perf_counter()
-        train_batches.fill_cache(t.batch_size, "encoding train audio (frozen encoder, once)")
-        if eval_batches:
-            eval_batches.fill_cache(t.batch_size, "encoding eval audio (frozen encoder, once)")
-        logger.info("cached frozen encoder outputs in %.1f s", time.perf_counter() - start)
-
+    # Under torchrun: DDP over a module whose forward is the loss, so DDP's hooks see every step.
+    runner = torch.nn.parallel.DistributedDataParallel(_LossModule(model)) if world > 1 else None
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(t.warmup_steps, t.max_steps), t.max_steps)
 
@@ -215,37 +341,73 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
         logger.info("resumed from %s at step %d", ckpt_path, step)
     elif resume:
         logger.warning("--resume: no checkpoint at %s, starting from step 0", ckpt_path)
-    elif (out_dir / LOG).exists():
+    elif (out_dir / LOG).exists() and main_rank:
         (out_dir / LOG).unlink()  # a fresh run owns its log
+
+    # -- the text-ability gate: the LLM's text-only scores before training ---------------------
+    gate = main_rank and _text_gate_on(recipe, model, parts)
+    text_before = None
+    if gate:
+        from ..eval.text_ability import text_ability
+
+        before_path = out_dir / "text_ability_before.json"
+        if resume and before_path.exists():
+            text_before = json.loads(before_path.read_text())
+        else:
+            # Layer dropping happened already: "before" is the pretrained LLM only when no layer was dropped.
+            text_before = text_ability(*parts.text_model())
+            _atomic_write_text(before_path, json.dumps(text_before, indent=2) + "\n")
+        logger.info("text ability before training: %s", text_before)
 
     from torch.utils.tensorboard import SummaryWriter
 
-    tb = SummaryWriter(str(out_dir / "tb"))
-    log = (out_dir / LOG).open("a", encoding="utf-8")
+    tb = SummaryWriter(str(out_dir / "tb")) if main_rank else None
+    wb = _wandb_run(recipe, out_dir) if main_rank else None
+    log = (out_dir / LOG).open("a", encoding="utf-8") if main_rank else None
 
     def record(row: dict) -> None:
+        if not main_rank:
+            return
         log.write(json.dumps(row) + "\n")
         log.flush()
         for k, v in row.items():
             if k != "step" and isinstance(v, (int, float)):
                 tb.add_scalar(k, v, row["step"])
+        if wb is not None:
+            wb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def record_samples(at_step: int) -> None:
+        if not (main_rank and parts.samples and t.log_samples):
+            return
+        rows = parts.samples(t.log_samples)
+        for i, r in enumerate(rows):
+            tb.add_audio(f"sample_{i}/audio", torch.from_numpy(r["audio"])[None], at_step, sample_rate=r["sampling_rate"])
+            tb.add_text(f"sample_{i}/answer", f"reference: {r['reference']}  \nanswer: {r['answer']}", at_step)
+        if wb is not None:
+            import wandb
+
+            wb.log({"samples": wandb.Table(columns=["audio", "reference", "answer"], data=[
+                [wandb.Audio(r["audio"], sample_rate=r["sampling_rate"]), r["reference"], r["answer"]] for r in rows])}, step=at_step)
 
     # -- the loop ------------------------------------------------------------------------------
-    batches = infinite_batches(train_set.lengths(), t.batch_size, t.seed, epoch, next_batch)
-    durations = train_set.lengths()
+    batches = infinite_batches(train_batches.lengths(), t.batch_size, t.seed, epoch, next_batch)
+    durations = parts.durations
     start_time = time.perf_counter()
     audio_seconds = 0.0
     eval_loss = None
-    bar = tqdm(total=t.max_steps, initial=step, desc="training", unit="step")
+    bar = tqdm(total=t.max_steps, initial=step, desc="training", unit="step", disable=not main_rank)
     while step < t.max_steps:
         loss_sum = 0.0
         for _ in range(t.grad_accum):
             epoch, b, idx = next(batches)
-            batch = train_batches(idx)
-            with amp:
-                loss = model.training_loss(**batch) / t.grad_accum
-            loss.backward()
-            loss_sum += loss.item()
+            if runner is None:
+                batch = train_batches(idx)
+                with amp:
+                    loss = loss_of(model, batch) / t.grad_accum
+                loss.backward()
+                loss_sum += loss.item()
+            else:
+                loss_sum += _ddp_micro_step(runner, train_batches, idx, rank, world, amp) / t.grad_accum
             audio_seconds += sum(durations[i] for i in idx)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm))
         optimizer.step()
@@ -259,32 +421,141 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
             elapsed = time.perf_counter() - start_time
             record({"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                     "epoch": epoch, "elapsed_s": round(elapsed, 2), "audio_s_per_s": round(audio_seconds / max(elapsed, 1e-9), 2)})
-        if eval_batches and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps):
+        if main_rank and eval_batches and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps):
             eval_loss = evaluate_loss(model, eval_batches, t.batch_size, amp)
             record({"step": step, "eval_loss": eval_loss})
+            record_samples(step)
             bar.write(f"step {step}: eval loss {eval_loss:.4f}")
-        if t.save_every and step % t.save_every == 0 and step < t.max_steps:
+        if main_rank and t.save_every and step % t.save_every == 0 and step < t.max_steps:
             _atomic_torch_save({"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
                                 "scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step,
                                 "epoch": epoch, "next_batch": next_batch, "recipe": recipe.to_dict()}, ckpt_path)
     bar.close()
     train_seconds = time.perf_counter() - start_time
+    if not main_rank:
+        _finish_distributed()
+        return {"steps": step, "rank": rank, "final_loss": loss_sum}
     tb.close()
     log.close()
+    if wb is not None:
+        wb.finish()
 
     # -- the trained model ---------------------------------------------------------------------
-    save_final(model, processor, out_dir)
+    parts.save(out_dir)
     summary = {"steps": step, "train_seconds": round(train_seconds, 2), "final_loss": loss_sum, "eval_loss": eval_loss,
-               "trainable_parameters": n_trainable, "train_utterances": len(train_set.utterances), "train_examples": len(train_set),
+               "trainable_parameters": n_trainable, "train_utterances": parts.n_utterances, "train_examples": len(durations),
                "audio_seconds_per_second": round(audio_seconds / max(train_seconds, 1e-9), 2), "recipe": recipe.to_dict()}
-    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    failed = []
+    if gate:
+        from ..eval.text_ability import regression, text_ability
+
+        text_after = text_ability(*parts.text_model())  # the saved model's LLM (LoRA merged)
+        change = regression(text_before, text_after)
+        summary["text_ability"] = {"before": text_before, "after": text_after, **change}
+        with (out_dir / LOG).open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **{f"text_{k}" if not k.startswith("text") else k: v for k, v in change.items()}}) + "\n")
+        logger.info("text ability after training: %s (%s)", text_after, change)
+        limits = ((recipe.train.max_text_nll_increase, "text_nll_increase", "held-out text NLL rose"),
+                  (recipe.train.max_mc_accuracy_drop, "mc_accuracy_drop", "multiple-choice accuracy fell"))
+        failed = [f"{what} by {change[key]:g} (limit {limit:g})" for limit, key, what in limits if limit is not None and change[key] > limit]
+        summary["text_gate_passed"] = not failed
+    summary["world_size"] = world
+    _atomic_write_text(out_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
     if ckpt_path.exists():
         ckpt_path.unlink()  # the finished model supersedes it
+    _finish_distributed()
+    if failed:
+        raise TextAbilityRegression(f"{out_dir}: the LLM lost text ability in training: {'; '.join(failed)} "
+                                    f"(the model is saved; see train_summary.json)")
     return summary
 
 
+class _LossModule(torch.nn.Module):
+    """forward(batch) = the model's training loss: what DDP wraps."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return loss_of(self.model, batch)
+
+
+def _wandb_run(recipe: Recipe, out_dir: Path):
+    """A W&B run when asked for (or, with wandb: auto, when installed and configured by env); else None."""
+    choice = recipe.train.wandb
+    if choice == "off":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        if choice != "auto":
+            raise RuntimeError(f"train.wandb={choice} but wandb is not installed: pip install 'earful[track]'") from None
+        return None
+    if choice == "auto" and not any(os.environ.get(k) for k in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT")):
+        return None
+    mode = choice if choice != "auto" else os.environ.get("WANDB_MODE", "online" if os.environ.get("WANDB_API_KEY") else "offline")
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", recipe.train.wandb_project), dir=str(out_dir), mode=mode,
+                      config=recipe.to_dict(), name=out_dir.name)
+
+
+def _init_distributed() -> tuple[int, int]:
+    """(rank, world size): torchrun's environment, gloo on CPU and nccl on CUDA; (0, 1) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    logger.info("distributed: rank %d of %d (%s)", dist.get_rank(), world, dist.get_backend())
+    return dist.get_rank(), world
+
+
+def _finish_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _ddp_micro_step(runner, batcher, idx: list[int], rank: int, world: int, amp) -> float:
+    """One micro-batch under DDP: this rank's share of `idx`, weighted so that the averaged gradient
+    and the logged loss are those of the whole micro-batch's token mean, as on one process."""
+    import torch.distributed as dist
+
+    mine, weight = idx[rank::world], 1.0
+    if not mine:  # fewer clips than ranks: run one with no weight, so every rank steps together
+        mine, weight = idx[:1], 0.0
+    batch = batcher(mine)
+    n_mine = float((batch["labels"][:, 1:] != -100).sum()) * weight
+    counts = torch.tensor([n_mine], dtype=torch.float64)
+    dist.all_reduce(counts)
+    n_all = float(counts[0])
+    with amp:
+        mean = runner(batch)
+    (mean * (n_mine * world / n_all)).backward()  # DDP averages over ranks: sum of token losses / n_all
+    total = torch.tensor([float(mean.detach()) * n_mine], dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total[0]) / n_all
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def save_final(model, processor, out_dir: Path) -> None:
-    """Save into a temp folder, then move each file into place: no half-written model file."""
+    """Save into a temp folder, then move each file into place: no half-written model file.
+
+    LoRA adapters are merged first, so the folder is an ordinary model that loads without peft.
+    """
+    from .adapt import has_lora, merge_lora
+
+    if has_lora(model):
+        merge_lora(model)
     tmp = out_dir / ".save.tmp"
     if tmp.exists():
         import shutil
