@@ -72,6 +72,7 @@ class TrainRecipe:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     num_threads: int | None = None  # torch CPU threads (null: torch's default)
+    prefix_cache: bool = True  # frozen LLM: keys/values of the prompt prefix all rows share are computed once
     log_samples: int = 2  # eval clips whose audio and generated answer are logged at each eval (listening family)
     wandb: str = "auto"  # auto (when wandb is installed and WANDB_MODE / WANDB_API_KEY / WANDB_PROJECT is set) | off | offline | online
     wandb_project: str = "earful"

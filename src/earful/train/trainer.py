@@ -177,7 +177,7 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def loss_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The mean next-token loss of a batch, for either model family."""
     if hasattr(model, "training_loss"):  # the listening LM
-        return model.training_loss(**batch)
+        return model.training_loss(**batch, prefix_cache=getattr(model, "prefix_cache", None))
     from .units import causal_lm_loss
 
     return causal_lm_loss(model, **batch)
@@ -241,6 +241,11 @@ def listening_parts(recipe: Recipe, device: torch.device) -> Parts:
     t = recipe.train
     model, processor = build_model(recipe)
     model.to(device).train()
+    llm_frozen = not any(p.requires_grad for p in model.language_model.parameters())
+    if recipe.train.prefix_cache and llm_frozen and not recipe.model.gradient_checkpointing:
+        from ..models.listening import PrefixCache
+
+        model.prefix_cache = PrefixCache(model)  # a frozen LLM: the shared prompt prefix is run once, not every step
     encoder_fixed = recipe.model.freeze_encoder and recipe.model.lora not in ("encoder", "both")
     if encoder_fixed:
         model.audio_tower.eval()  # a frozen encoder runs without dropout, so its outputs can be cached
