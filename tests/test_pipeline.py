@@ -305,3 +305,24 @@ def test_synth_spoken_instructions(tmp_path):
     assert rej["line"] == 3 and "max-chars" in rej["reason"]
     bad = cli("data", "synth", "--text", tmp_path / "i.jsonl", "--instructions", tmp_path / "i.jsonl", "--out", tmp_path / "o2")
     assert bad.returncode == 2 and "exactly one" in bad.stderr
+
+
+def test_encode_with_an_audio_tokenizer_stores_its_token_ids(tmp_path):
+    """`earful data encode --encoder TOKENIZER_DIR`: the store holds each clip's unit ids, the same
+    ids the tokenizer gives directly."""
+    from earful.audio import load_audio
+    from earful.data.shards import load_object, read_index
+    from earful.tokenizers.base import load_audio_tokenizer
+
+    rows = [Utterance(audio=str(FSDD_REC / f"{d}_lucas_0.wav"), id=f"{d}_lucas_0") for d in range(10)]
+    write_manifest(rows, tmp_path / "m.jsonl")
+    r = cli("units", "fit", "--data", tmp_path / "m.jsonl", "--k", "8", "--out", tmp_path / "u")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli("data", "encode", "--data", tmp_path / "m.jsonl", "--encoder", tmp_path / "u", "--out", tmp_path / "store")
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "store" / "summary.json").read_text())
+    assert summary["kind"] == "ids" and summary["out"] == 10
+    tok = load_audio_tokenizer(tmp_path / "u")
+    row = read_index(tmp_path / "store")[3]
+    ids = load_object(tmp_path / "store", row["key"])
+    assert ids.tolist() == tok.encode(load_audio(row["audio"], tok.sampling_rate)) and ids.max() < 8

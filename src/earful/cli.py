@@ -244,7 +244,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     """Serve a trained model over an OpenAI-compatible HTTP API, with a Gradio voice UI on /ui.
 
     Routes: POST /v1/chat/completions (input_audio content parts, stream), POST
-    /v1/audio/transcriptions, GET /v1/models, GET /health. With --api-key (or EARFUL_API_KEY)
+    /v1/audio/transcriptions, GET /v1/models, GET /health. A units LM with a codec tokenizer
+    answers in speech (modalities ["text", "audio"]). With --api-key (or EARFUL_API_KEY)
     the API wants 'Authorization: Bearer KEY' and the UI asks for the key as its password.
     """
     import os

@@ -22,13 +22,15 @@ import time
 import uuid
 from pathlib import PurePath
 
+import numpy as np
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..audio import AudioError
-from .engine import DecodingOptions, RequestError, SpeechLM
+from .engine import DecodingOptions, RequestError, SpeakingLM, SpeechLM
 
 logger = logging.getLogger(__name__)
 
@@ -95,16 +97,26 @@ def _int_field(body: dict, name: str, default):
     return value
 
 
-def parse_chat_request(body: object, model_name: str) -> tuple[list[dict], DecodingOptions, bool, bool]:
-    """OpenAI chat-completion JSON -> (engine messages, options, stream, include_usage)."""
+def parse_chat_request(body: object, model_name: str, speaks: bool = False) -> tuple[list[dict], DecodingOptions, bool, bool]:
+    """OpenAI chat-completion JSON -> (engine messages, options, stream, include_usage).
+
+    `speaks`: the model answers in audio (a units LM with a codec), which must be asked for with
+    `modalities: ["text", "audio"]` and `audio: {"format": "wav"}`, as OpenAI's audio output is.
+    """
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     _check_model(body.get("model"), model_name)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages: expected a non-empty list of messages", param="messages")
-    if "audio" in (body.get("modalities") or []):
+    if "audio" in (body.get("modalities") or []) and not speaks:
         raise ApiError(400, f"modalities: {model_name} is a listening model and answers in text only", param="modalities")
+    if speaks:
+        if "audio" not in (body.get("modalities") or []):
+            raise ApiError(400, f'modalities: {model_name} answers in speech; ask with "modalities": ["text", "audio"]', param="modalities")
+        fmt = (body.get("audio") or {}).get("format", "wav") if isinstance(body.get("audio"), dict) else "wav"
+        if fmt != "wav":
+            raise ApiError(400, f"audio.format: {json.dumps(fmt)} is not supported; this server speaks wav", param="audio")
     if _int_field(body, "n", 1) != 1:
         raise ApiError(400, "n: only one choice per request is supported", param="n")
     out = []
@@ -163,7 +175,7 @@ def _check_model(model: object, model_name: str) -> None:
         raise ApiError(404, f"the model {model!r} does not exist here; this server runs {model_name!r}", code="model_not_found", param="model")
 
 
-def create_app(lm: SpeechLM, *, api_key: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, ui: bool = True) -> FastAPI:
+def create_app(lm: SpeechLM | SpeakingLM, *, api_key: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, ui: bool = True) -> FastAPI:
     app = FastAPI(title=f"earful · {lm.name}", description="OpenAI-compatible speech LM API", version="1")
     app.state.lm = lm
 
@@ -211,6 +223,8 @@ def create_app(lm: SpeechLM, *, api_key: str | None = None, max_upload_bytes: in
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        if isinstance(lm, SpeakingLM):
+            return await _speak(lm, body)
         try:
             messages, options, stream, include_usage = parse_chat_request(body, lm.name)
             future, pieces = await run_in_threadpool(lm.submit, messages, options, stream)
@@ -239,6 +253,8 @@ def create_app(lm: SpeechLM, *, api_key: str | None = None, max_upload_bytes: in
             if upload is None or isinstance(upload, str):
                 raise ApiError(400, "file: required (the audio to transcribe, as a multipart file)", param="file")
             _check_model(model, lm.name)
+            if isinstance(lm, SpeakingLM):
+                raise ApiError(400, f"{lm.name} is a speech continuation model: it speaks, it does not transcribe", param="model")
             fmt = form.get("response_format") or "json"
             if fmt not in ("json", "text", "verbose_json"):
                 raise ApiError(400, f"response_format: {fmt!r} is not supported (json, text or verbose_json)", param="response_format")
@@ -268,6 +284,36 @@ def create_app(lm: SpeechLM, *, api_key: str | None = None, max_upload_bytes: in
         app = gr.mount_gradio_app(app, build_ui(lm), path="/ui", auth=auth, auth_message="Log in with any name and the server's API key.")
     app.add_middleware(BodySizeLimit, limit=max_upload_bytes)
     return app
+
+
+async def _speak(lm: SpeakingLM, body: object) -> dict:
+    """A units LM's answer: the spoken continuation of the last user audio, as OpenAI's audio output."""
+    if not lm.can_speak:
+        raise ApiError(400, f"{lm.name} has a k-means unit tokenizer, which has no vocoder: it cannot answer in audio", param="model")
+    messages, options, stream, _ = parse_chat_request(body, lm.name, speaks=True)
+    if stream:
+        raise ApiError(400, "stream: spoken answers come whole from this server; leave stream false", param="stream")
+    clips = [p for m in messages if m["role"] == "user" for p in m["content"] if isinstance(p, bytes)]
+    if not clips:
+        raise ApiError(400, f"messages: {lm.name} continues speech; send the prompt as an input_audio part", param="messages")
+    temperature = options.temperature if "temperature" in body else 0.8
+    try:
+        prompt, units, wave = await run_in_threadpool(lambda: lm.continue_speech(clips[-1], max_new_tokens=options.max_new_tokens,
+                                                                          temperature=temperature, seed=body.get("seed")))
+    except (RequestError, AudioError) as e:
+        raise ApiError(400, str(e)) from None
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, wave if wave is not None else np.zeros(0, np.float32), lm.sampling_rate, format="WAV", subtype="PCM_16")
+    audio = {"id": f"audio_{uuid.uuid4().hex}", "data": base64.b64encode(buf.getvalue()).decode(), "expires_at": int(time.time()) + 3600,
+             "transcript": ""}
+    finish = "length" if len(units) + lm.lm.audio_tokenizer.tokens_per_frame > options.max_new_tokens else "stop"
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": lm.name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "refusal": None, "audio": audio}, "finish_reason": finish}],
+            "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(units), "total_tokens": len(prompt) + len(units)}}
 
 
 def _usage(g) -> dict:

@@ -288,10 +288,75 @@ class SpeechLM:
             job.future.set_result(Generation(text, len(job.ids), len(kept) + (stop is not None), "length" if stop is None else "stop"))
 
 
-def load(model: str | Path, *, device: str | None = None, name: str | None = None, **kwargs) -> SpeechLM:
-    """A trained model folder (or hub id) as a `SpeechLM`; keyword arguments go to `SpeechLM`."""
+def load(model: str | Path, *, device: str | None = None, name: str | None = None, **kwargs) -> SpeechLM | SpeakingLM:
+    """A trained model folder (or hub id): a listening LM as a `SpeechLM`, a units LM as a `SpeakingLM`."""
     from ..models.build import load_speech_lm
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if is_units_model(model):
+        from ..models.vocab import load_unit_lm
+
+        limits = {k: v for k, v in kwargs.items() if k == "max_audio_seconds"}
+        return SpeakingLM(load_unit_lm(model, device=device), name=name or Path(str(model)).name, **limits)
     lm, processor = load_speech_lm(model, device=device)
     return SpeechLM(lm, processor, name=name or Path(str(model)).name, **kwargs)
+
+
+class SpeakingLM:
+    """A units LM (the discrete family) behind a lock: a spoken prompt in, its spoken continuation out.
+
+    Only an audio tokenizer that decodes (a codec) can speak; k-means units have no vocoder, so a
+    units LM built on them serves token ids to Python callers but no audio.
+    """
+
+    kind = "speaking"
+
+    def __init__(self, lm, *, name: str = "earful", max_audio_seconds: float = DEFAULT_MAX_SECONDS):
+        if lm.audio_tokenizer is None:
+            raise ValueError("this units LM was saved without its audio tokenizer: it cannot hear or speak")
+        self.lm, self.name, self.max_audio_seconds = lm, name, max_audio_seconds
+        self._lock = threading.Lock()
+
+    @property
+    def sampling_rate(self) -> int:
+        return self.lm.audio_tokenizer.sampling_rate
+
+    @property
+    def can_speak(self) -> bool:
+        return bool(self.lm.audio_tokenizer.can_decode)
+
+    def read_audio(self, audio: AudioLike, name: str = "<audio>") -> np.ndarray:
+        limits = {"max_seconds": self.max_audio_seconds, "min_seconds": MIN_AUDIO_SECONDS}
+        if isinstance(audio, (str, Path)):
+            return load_audio(audio, self.sampling_rate, **limits)
+        if isinstance(audio, (bytes, bytearray, memoryview)):
+            return decode_audio_bytes(bytes(audio), self.sampling_rate, name=name, **limits)
+        wave, rate = audio if isinstance(audio, tuple) else (audio, self.sampling_rate)
+        return resample(np.asarray(wave, dtype=np.float32), rate, self.sampling_rate)
+
+    def continue_speech(self, audio: AudioLike, *, max_new_tokens: int = 128, temperature: float = 0.8, top_k: int = 50,
+                        seed: int | None = None) -> tuple[list[int], list[int], np.ndarray | None]:
+        """(prompt tokens, continuation tokens, the continuation's waveform at `sampling_rate` where the tokenizer decodes)."""
+        from ..models.speech_generation import continue_speech
+
+        wave = self.read_audio(audio)
+        with self._lock:
+            out = continue_speech(self.lm, wave, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                                  temperature=max(temperature, 1e-5), top_k=top_k, seed=seed)
+        units = out.continuation_units
+        return out.prompt_units, units, (self.lm.audio_tokenizer.decode(units) if self.can_speak and units else None)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> SpeakingLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def is_units_model(folder: str | Path) -> bool:
+    from ..models.vocab import VOCAB_FILE
+
+    return (Path(folder) / VOCAB_FILE).is_file()

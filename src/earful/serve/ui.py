@@ -11,10 +11,15 @@ from pathlib import Path
 import gradio as gr
 
 from ..audio import AudioError
-from .engine import RequestError, SpeechLM
+from .engine import RequestError
 
 
-def build_ui(lm: SpeechLM) -> gr.Blocks:
+def build_ui(lm) -> gr.Blocks:
+    """The chat UI for a listening LM; the speech-in, speech-out UI for a units LM that speaks."""
+    from .engine import SpeakingLM
+
+    if isinstance(lm, SpeakingLM):
+        return build_speaking_ui(lm)
     # Uploads land in Gradio's cache; files older than an hour are swept every 10 minutes.
     with gr.Blocks(title=f"earful · {lm.name}", analytics_enabled=False, delete_cache=(600, 3600)) as demo:
         gr.Markdown(f"## earful · `{lm.name}`\nRecord or upload speech, then send it. With no text, the model transcribes.")
@@ -52,4 +57,29 @@ def build_ui(lm: SpeechLM) -> gr.Blocks:
         send.click(respond, [audio, message, chatbot, conversation], outputs)
         message.submit(respond, [audio, message, chatbot, conversation], outputs)
         clear.click(lambda: ([], [], None, ""), None, outputs)
+    return demo
+
+
+def build_speaking_ui(lm) -> gr.Blocks:
+    """A units LM with a codec: speak or upload a prompt, hear its continuation."""
+    with gr.Blocks(title=f"earful · {lm.name}", analytics_enabled=False, delete_cache=(600, 3600)) as demo:
+        gr.Markdown(f"## earful · `{lm.name}`\nRecord or upload speech; the model continues it, in speech.")
+        with gr.Row():
+            prompt = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Your speech", elem_id="earful-audio")
+            answer = gr.Audio(label="The model's continuation", elem_id="earful-answer", interactive=False)
+        info = gr.Markdown(elem_id="earful-info")
+        send = gr.Button("Continue", variant="primary", elem_id="earful-send")
+
+        def respond(path):
+            if not path:
+                raise gr.Error("Record or upload audio first.")
+            try:
+                prompt_units, units, wave = lm.continue_speech(path)
+            except (AudioError, RequestError, ValueError) as e:
+                raise gr.Error(str(e)) from None
+            if wave is None:
+                raise gr.Error("This model's tokenizer cannot turn tokens back into audio.")
+            return (lm.sampling_rate, wave), f"{len(prompt_units)} prompt tokens -> {len(units)} new tokens"
+
+        send.click(respond, [prompt], [answer, info])
     return demo
