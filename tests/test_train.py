@@ -234,3 +234,36 @@ def test_samples_and_wandb_offline(tiny_parts, manifests, tmp_path):
     assert any(t.startswith("sample_0/answer") for t in acc.Tags()["tensors"])
     [run_dir] = list((out / "wandb").glob("offline-run-*"))
     assert list(run_dir.glob("*.wandb")) and (run_dir / "files").is_dir()
+
+
+def test_dpo_raises_the_chosen_over_rejected_margin(tiny_parts, manifests, tmp_path):
+    """train.objective=dpo on spoken pairs (chosen: the clip's digit; rejected: a refusal): the
+    reference is the starting model, its log-probs computed once; over every pair the DPO loss falls
+    below log 2 (no preference), and the frozen encoder keeps its weights."""
+    from earful.data.manifest import read_manifest
+
+    rows = read_manifest(manifests[0])
+    for u in rows:
+        u.chosen, u.rejected = u.text, "Sorry, I cannot tell."
+    pairs = tmp_path / "pairs.jsonl"
+    write_manifest(rows, pairs)
+    recipe = Path(__file__).parents[1] / "recipes" / "digits.yaml"
+    args = recipe_args(tiny_parts, manifests, max_steps=20, eval_every=0, log_every=1, save_every=0, lr=1e-2,
+                       objective="dpo", dpo_beta=0.5)
+    out = tmp_path / "dpo"
+    # A tiny random LLM must learn too (a real one could stay frozen and let the projector move).
+    r = run_cli("train", recipe, "--out", out, *args, f"data.train={pairs}", f"data.eval={pairs}",
+                "model.freeze_decoder=false", "train.text_gate=off")
+    assert r.returncode == 0, r.stderr[-3000:]
+    logged = log_rows(out)
+    margins = [row["reward_margin"] for row in logged if "reward_margin" in row]
+    assert len(margins) == 20 and abs(margins[0]) < 1e-3  # step 1: the policy is the reference
+    [final] = [row["eval_loss"] for row in logged if "eval_loss" in row]
+    assert final < 0.6, final  # log 2 = 0.693 when nothing is preferred
+    assert sum(margins[-5:]) / 5 > sum(margins[:5]) / 5
+    saved = load_file(str(out / "model.safetensors"))
+    enc_ref = load_file(str(tiny_parts[0] / "model.safetensors"))
+    torch.testing.assert_close(saved["audio_tower.layers.0.fc1.weight"], enc_ref["model.encoder.layers.0.fc1.weight"], rtol=0, atol=0)
+    # Rows without a pair are refused with the reason.
+    r = run_cli("train", recipe, "--out", tmp_path / "bad", *args)
+    assert r.returncode == 2 and "needs chosen and rejected" in r.stderr and "Traceback" not in r.stderr

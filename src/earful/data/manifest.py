@@ -29,6 +29,8 @@ class Utterance:
     prompt: str | None = None
     response: str | None = None
     words: list | None = None  # word timestamps [{"word", "start", "end"}] (s), for interleaved sequences
+    chosen: str | None = None  # preference data (DPO): the better answer to this audio ...
+    rejected: str | None = None  # ... and the worse one
 
     def to_json(self, relative_to: Path | None = None) -> dict:
         row = {k: v for k, v in asdict(self).items() if v is not None}

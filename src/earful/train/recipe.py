@@ -72,6 +72,8 @@ class TrainRecipe:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     num_threads: int | None = None  # torch CPU threads (null: torch's default)
+    objective: str = "sft"  # sft (next-token loss on the response) | dpo (preference pairs: manifest chosen/rejected)
+    dpo_beta: float = 0.1  # DPO's inverse temperature on the log-ratio margin
     prefix_cache: bool = True  # frozen LLM: keys/values of the prompt prefix all rows share are computed once
     log_samples: int = 2  # eval clips whose audio and generated answer are logged at each eval (listening family)
     wandb: str = "auto"  # auto (when wandb is installed and WANDB_MODE / WANDB_API_KEY / WANDB_PROJECT is set) | off | offline | online
@@ -159,6 +161,10 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
         problems.append("model.lora: adapters are for the listening family here (a units LM trains its new embeddings in full)")
     if m.keep_every_nth_layer < 1:
         problems.append(f"model.keep_every_nth_layer: must be >= 1, found {m.keep_every_nth_layer}")
+    if recipe.train.objective not in ("sft", "dpo"):
+        problems.append(f"train.objective: expected sft or dpo, found {recipe.train.objective!r}")
+    if recipe.train.objective == "dpo" and m.kind != "listening":
+        problems.append("train.objective: dpo is built for the listening family (model.kind: listening)")
     if recipe.train.wandb not in ("auto", "off", "offline", "online"):
         problems.append(f"train.wandb: expected auto, off, offline or online, found {recipe.train.wandb!r}")
     if recipe.train.text_gate not in ("auto", "on", "off"):

@@ -128,10 +128,10 @@ class Batcher:
     def lengths(self) -> list[float]:
         return self.dataset.lengths()
 
-    def __call__(self, idx: list[int]) -> dict[str, torch.Tensor]:
+    def __call__(self, idx: list[int], responses: list[str] | None = None) -> dict[str, torch.Tensor]:
         utts = [self.dataset.utterance(i) for i in idx]
         prompts = [prompt_of(u, self.dataset.default_prompt) for u in utts]
-        responses = [response_of(u) for u in utts]
+        responses = responses if responses is not None else [response_of(u) for u in utts]
         if self.cache is None:
             batch = self.processor([self.dataset[i]["audio"] for i in idx], prompts, responses)
         else:
@@ -146,6 +146,64 @@ class Batcher:
             batch = self.processor.text_batch(prompts, n_audio, responses)
             batch.update(audio_hidden_states=hidden, audio_hidden_mask=mask)
         return {k: v.to(self.device) for k, v in batch.items()}
+
+
+class PreferenceBatcher:
+    """DPO batches for the listening family: each clip with its chosen and its rejected answer.
+
+    The reference model is the model as it starts; its log-probabilities of every pair are
+    computed once, before the first step (it never changes), like the frozen encoder's outputs.
+    """
+
+    def __init__(self, batcher: Batcher, model, batch_size: int, desc: str):
+        self.batcher, self.dataset = batcher, batcher.dataset
+        missing = [u.id or u.audio for u in self.dataset.utterances if not (u.chosen and u.rejected)]
+        if missing:
+            from ..data.manifest import ManifestError
+
+            raise ManifestError(f"train.objective=dpo needs chosen and rejected answers on every manifest row; missing on {missing[:3]}")
+        self.reference: dict[int, tuple[float, float]] = {}
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for idx in tqdm(length_grouped_batches(self.lengths(), batch_size, seed=0, shuffle=False), desc=desc, unit="batch", leave=False):
+                c, r = self._pair(idx)
+                lc, lr = sequence_logprobs(model, c), sequence_logprobs(model, r)
+                for j, i in enumerate(idx):
+                    self.reference[i] = (float(lc[j]), float(lr[j]))
+        model.train(was_training)
+        if batcher.cache is not None:
+            model.audio_tower.eval()
+
+    def lengths(self) -> list[float]:
+        return self.dataset.lengths()
+
+    def _pair(self, idx):
+        utts = [self.dataset.utterance(i) for i in idx]
+        return self.batcher(idx, [u.chosen for u in utts]), self.batcher(idx, [u.rejected for u in utts])
+
+    def __call__(self, idx: list[int]) -> dict:
+        chosen, rejected = self._pair(idx)
+        ref = torch.tensor([self.reference[i] for i in idx], dtype=torch.float32)
+        return {"chosen": chosen, "rejected": rejected, "ref_chosen": ref[:, 0], "ref_rejected": ref[:, 1]}
+
+
+def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) summed log-probability of each row's labelled tokens (its answer)."""
+    labels = batch["labels"]
+    out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    logits = out.logits[:, :-1].float()
+    targets = labels[:, 1:]
+    keep = targets != -100
+    lp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    return (lp * keep).sum(-1)
+
+
+def dpo_loss(model, batch: dict, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPO (Rafailov et al. 2023): -log sigmoid(beta * (policy margin - reference margin)); also the mean reward margin."""
+    pc, pr = sequence_logprobs(model, batch["chosen"]), sequence_logprobs(model, batch["rejected"])
+    margin = (pc - batch["ref_chosen"].to(pc.device)) - (pr - batch["ref_rejected"].to(pr.device))
+    return -torch.nn.functional.logsigmoid(beta * margin).mean(), (beta * margin).detach().mean()
 
 
 def _rng_state() -> dict:
@@ -181,6 +239,20 @@ def loss_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     from .units import causal_lm_loss
 
     return causal_lm_loss(model, **batch)
+
+
+@torch.no_grad()
+def evaluate_dpo(model, batcher, batch_size: int, beta: float, amp) -> float:
+    """Mean DPO loss over the eval pairs."""
+    model.eval()
+    losses = []
+    for idx in length_grouped_batches(batcher.lengths(), batch_size, seed=0, shuffle=False):
+        with amp:
+            losses += [float(dpo_loss(model, batcher(idx), beta)[0])] * len(idx)
+    model.train()
+    if batcher.batcher.cache is not None:
+        model.audio_tower.eval()
+    return sum(losses) / max(len(losses), 1)
 
 
 @torch.no_grad()
@@ -263,6 +335,9 @@ def listening_parts(recipe: Recipe, device: torch.device) -> Parts:
         if eval_batches:
             eval_batches.fill_cache(t.batch_size, "encoding eval audio (frozen encoder, once)", recipe.data.encoded)
         logger.info("cached frozen encoder outputs in %.1f s", time.perf_counter() - start)
+    if recipe.train.objective == "dpo":
+        train_batches = PreferenceBatcher(train_batches, model, t.batch_size, "reference log-probs of train pairs (once)")
+        eval_batches = PreferenceBatcher(eval_batches, model, t.batch_size, "reference log-probs of eval pairs (once)") if eval_batches else None
     return Parts(model, train_batches, eval_batches, train_set.lengths(), len(train_set.utterances),
                  lambda out: save_final(model, processor, out), text_model=lambda: (model.language_model, processor.tokenizer),
                  samples=(lambda n: _listening_samples(model, processor, eval_set, n)) if eval_set else None)
@@ -325,6 +400,8 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
 
+    if world > 1 and t.objective != "sft":
+        raise ValueError("train.objective=dpo runs on one process here (DDP covers the sft objective)")
     # Under torchrun: DDP over a module whose forward is the loss, so DDP's hooks see every step.
     runner = torch.nn.parallel.DistributedDataParallel(_LossModule(model)) if world > 1 else None
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
@@ -408,7 +485,11 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
             if runner is None:
                 batch = train_batches(idx)
                 with amp:
-                    loss = loss_of(model, batch) / t.grad_accum
+                    if t.objective == "dpo":
+                        loss, reward_margin = dpo_loss(model, batch, t.dpo_beta)
+                        loss = loss / t.grad_accum
+                    else:
+                        loss = loss_of(model, batch) / t.grad_accum
                 loss.backward()
                 loss_sum += loss.item()
             else:
@@ -425,9 +506,11 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
         if step % t.log_every == 0 or step == t.max_steps:
             elapsed = time.perf_counter() - start_time
             record({"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                    "epoch": epoch, "elapsed_s": round(elapsed, 2), "audio_s_per_s": round(audio_seconds / max(elapsed, 1e-9), 2)})
+                    "epoch": epoch, "elapsed_s": round(elapsed, 2), "audio_s_per_s": round(audio_seconds / max(elapsed, 1e-9), 2),
+                    **({"reward_margin": float(reward_margin)} if t.objective == "dpo" else {})})
         if main_rank and eval_batches and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps):
-            eval_loss = evaluate_loss(model, eval_batches, t.batch_size, amp)
+            eval_loss = evaluate_loss(model, eval_batches, t.batch_size, amp) if t.objective == "sft" else \
+                evaluate_dpo(model, eval_batches, t.batch_size, t.dpo_beta, amp)
             record({"step": step, "eval_loss": eval_loss})
             record_samples(step)
             bar.write(f"step {step}: eval loss {eval_loss:.4f}")
