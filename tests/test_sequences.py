@@ -203,3 +203,16 @@ def test_units_recipe_problems_are_reported_together():
     assert "model.audio_tokenizer" in msg and "model.freeze_decoder" in msg and "data.format" in msg and "max_span_words" in msg
     with pytest.raises(RecipeError, match="model.kind: expected listening or units"):
         build_recipe({"model": {"kind": "vision"}, "data": {"train": "t.jsonl"}})
+
+
+def test_units_asr_with_loss_weights_counts_only_the_text(units_setup, tmp_path):
+    """train.loss_weights through a recipe: with every type but text at 0, the units ASR loss is the
+    transcript's alone, and the run says which weights it used."""
+    out = tmp_path / "run"
+    r = _train(units_setup, "units_asr.yaml", out, "train.max_steps=3", "train.loss_weights={semantic: 0, acoustic: 0, special: 0}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "loss weights per token type" in r.stderr and "'special': 0.0" in r.stderr
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["recipe"]["train"]["loss_weights"] == {"semantic": 0, "acoustic": 0, "special": 0}
+    bad = _train(units_setup, "units_asr.yaml", tmp_path / "bad", "train.max_steps=1", "train.loss_weights={noise: 1}")
+    assert bad.returncode == 2 and "unknown token types" in bad.stderr

@@ -210,7 +210,7 @@ class SpeechLMForConditionalGeneration(SpeechLMPreTrainedModel, GenerationMixin)
         return inputs_embeds
 
     def training_loss(self, labels: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                      prefix_cache: PrefixCache | None = None, **audio_and_ids) -> torch.Tensor:
+                      prefix_cache: PrefixCache | None = None, token_weights=None, **audio_and_ids) -> torch.Tensor:
         """Mean next-token loss, computing the output layer only where a label is.
 
         Same value as `forward(...).loss`, cheaper: with a 49k-token vocabulary the output layer is
@@ -239,7 +239,9 @@ class SpeechLMForConditionalGeneration(SpeechLMPreTrainedModel, GenerationMixin)
         targets = labels[:, 1:]  # (B, L-1)
         keep = targets != -100
         logits = self.get_output_embeddings()(hidden[:, :-1][keep])  # (n_labelled, V)
-        return nn.functional.cross_entropy(logits.float(), targets[keep])
+        from ..train.losses import weighted_cross_entropy
+
+        return weighted_cross_entropy(logits, targets[keep], token_weights)
 
     def forward(
         self,

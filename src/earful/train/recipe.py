@@ -72,6 +72,7 @@ class TrainRecipe:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     num_threads: int | None = None  # torch CPU threads (null: torch's default)
+    loss_weights: dict = field(default_factory=dict)  # per token type: text, semantic, acoustic, special (train/losses.py)
     objective: str = "sft"  # sft (next-token loss on the response) | dpo (preference pairs: manifest chosen/rejected)
     dpo_beta: float = 0.1  # DPO's inverse temperature on the log-ratio margin
     prefix_cache: bool = True  # frozen LLM: keys/values of the prompt prefix all rows share are computed once
@@ -161,6 +162,13 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
         problems.append("model.lora: adapters are for the listening family here (a units LM trains its new embeddings in full)")
     if m.keep_every_nth_layer < 1:
         problems.append(f"model.keep_every_nth_layer: must be >= 1, found {m.keep_every_nth_layer}")
+    from .losses import TYPES
+
+    bad_types = set(recipe.train.loss_weights) - set(TYPES)
+    if bad_types:
+        problems.append(f"train.loss_weights: unknown token types {sorted(bad_types)} (known: {', '.join(TYPES)})")
+    if any(not isinstance(v, (int, float)) or v < 0 for v in recipe.train.loss_weights.values()):
+        problems.append(f"train.loss_weights: weights must be numbers >= 0, found {recipe.train.loss_weights}")
     if recipe.train.objective not in ("sft", "dpo"):
         problems.append(f"train.objective: expected sft or dpo, found {recipe.train.objective!r}")
     if recipe.train.objective == "dpo" and m.kind != "listening":

@@ -234,11 +234,12 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def loss_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The mean next-token loss of a batch, for either model family."""
+    weights = getattr(model, "token_weights", None)  # train.loss_weights, set by the trainer
     if hasattr(model, "training_loss"):  # the listening LM
-        return model.training_loss(**batch, prefix_cache=getattr(model, "prefix_cache", None))
+        return model.training_loss(**batch, prefix_cache=getattr(model, "prefix_cache", None), token_weights=weights)
     from .units import causal_lm_loss
 
-    return causal_lm_loss(model, **batch)
+    return causal_lm_loss(model, **batch, token_weights=weights)
 
 
 @torch.no_grad()
@@ -285,6 +286,7 @@ class Parts:
     save: Callable[[Path], None]  # writes the trained model as a save_pretrained folder
     text_model: Callable[[], tuple] | None = None  # () -> (causal LM, tokenizer) for the text-ability gate
     samples: Callable[[int], list[dict]] | None = None  # n -> eval clips with audio, reference and the model's answer
+    token_weights: Callable[[dict], object] | None = None  # train.loss_weights -> losses.TokenWeights for this family
 
 
 class TextAbilityRegression(RuntimeError):
@@ -340,7 +342,14 @@ def listening_parts(recipe: Recipe, device: torch.device) -> Parts:
         eval_batches = PreferenceBatcher(eval_batches, model, t.batch_size, "reference log-probs of eval pairs (once)") if eval_batches else None
     return Parts(model, train_batches, eval_batches, train_set.lengths(), len(train_set.utterances),
                  lambda out: save_final(model, processor, out), text_model=lambda: (model.language_model, processor.tokenizer),
-                 samples=(lambda n: _listening_samples(model, processor, eval_set, n)) if eval_set else None)
+                 samples=(lambda n: _listening_samples(model, processor, eval_set, n)) if eval_set else None,
+                 token_weights=lambda w: _weights(w, {processor.tokenizer.eos_token_id}))
+
+
+def _weights(weights: dict, special_ids: set, **sound):
+    from .losses import TokenWeights
+
+    return TokenWeights(weights, {i for i in special_ids if i is not None}, **sound)
 
 
 @torch.no_grad()
@@ -369,8 +378,12 @@ def units_parts(recipe: Recipe, device: torch.device) -> Parts:
     _check_trainable(lm.model)
     train_batches = UnitsBatcher(lm, recipe, recipe.data.train, device, "tokenising train audio (once)")
     eval_batches = UnitsBatcher(lm, recipe, recipe.data.eval, device, "tokenising eval audio (once)") if recipe.data.eval else None
+    v = lm.vocab
+    specials = {v.sound_start_id, v.sound_end_id, v.text_start_id, v.text_end_id, lm.tokenizer.eos_token_id}
+    per_frame = lm.audio_tokenizer.tokens_per_frame if lm.audio_tokenizer is not None else 1
     return Parts(lm.model, train_batches, eval_batches, train_batches.durations(), len(train_batches.utterances),
-                 lambda out: save_units(lm, out))
+                 lambda out: save_units(lm, out),
+                 token_weights=lambda w: _weights(w, specials, first_unit_id=v.first_unit_id, n_units=v.n_units, tokens_per_frame=per_frame))
 
 
 def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
@@ -397,6 +410,9 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
     # -- model and data ------------------------------------------------------------------------
     parts = units_parts(recipe, device) if recipe.model.kind == "units" else listening_parts(recipe, device)
     model, train_batches, eval_batches = parts.model, parts.train_batches, parts.eval_batches
+    if t.loss_weights:
+        model.token_weights = parts.token_weights(t.loss_weights)
+        logger.info("loss weights per token type: %s", model.token_weights.w)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
 

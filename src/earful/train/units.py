@@ -77,7 +77,7 @@ def pad_batch(seqs: list[TokenSequence], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, token_weights=None) -> torch.Tensor:
     """Mean next-token loss, computing the output layer only where a label is (as the listening LM does).
 
     Same value as `model(..., labels=labels).loss`; a units LM's vocabulary is the text one plus
@@ -89,7 +89,9 @@ def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     targets = labels[:, 1:]  # (B, L-1)
     keep = targets != IGNORE
     logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (n_labelled, V)
-    return nn.functional.cross_entropy(logits.float(), targets[keep])
+    from .losses import weighted_cross_entropy
+
+    return weighted_cross_entropy(logits, targets[keep], token_weights)
 
 
 class UnitsBatcher:

@@ -1,0 +1,44 @@
+"""Loss weights per token type (train.loss_weights) on a units LM: each type gets its weight, and the
+weighted loss is what a hand computation gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_spoken_eval import make_lm
+
+from earful.train.losses import TokenWeights, weighted_cross_entropy
+from earful.train.units import causal_lm_loss
+
+
+def test_each_token_type_gets_its_weight(smol_dir):
+    lm = make_lm(smol_dir, n_units=12)  # a codec-like layout: 3 codebooks of 4
+    v = lm.vocab
+    w = TokenWeights({"text": 2.0, "semantic": 1.0, "acoustic": 0.25, "special": 0.0},
+                     {v.sound_start_id, v.sound_end_id, v.text_start_id, v.text_end_id}, first_unit_id=v.first_unit_id,
+                     n_units=12, tokens_per_frame=3)
+    targets = torch.tensor([v.first_unit_id, v.first_unit_id + 3, v.first_unit_id + 4, v.first_unit_id + 11, v.sound_end_id, 300])
+    assert w(targets).tolist() == [1.0, 1.0, 0.25, 0.25, 0.0, 2.0]
+    with pytest.raises(ValueError, match="unknown token types"):
+        TokenWeights({"noise": 1.0}, set())
+
+
+def test_weighted_loss_matches_a_hand_computation(smol_dir):
+    lm = make_lm(smol_dir, n_units=8)
+    v = lm.vocab
+    ids = torch.tensor([[v.sound_start_id, *v.token_ids([1, 2, 3]), v.sound_end_id, v.text_start_id, 300, 301, v.text_end_id]])
+    labels = ids.clone()
+    labels[0, 0] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    weights = TokenWeights({"text": 3.0, "semantic": 1.0, "special": 0.5}, {v.sound_start_id, v.sound_end_id, v.text_start_id, v.text_end_id},
+                           first_unit_id=v.first_unit_id, n_units=8)
+    with torch.no_grad():
+        plain = causal_lm_loss(lm.model, **batch)
+        weighted = causal_lm_loss(lm.model, **batch, token_weights=weights)
+        logits = lm.model(input_ids=ids).logits[0, :-1]
+        per_token = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+    w = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.5, 3.0, 3.0, 0.5])
+    assert plain.item() == pytest.approx(per_token.mean().item(), rel=1e-5)
+    assert weighted.item() == pytest.approx(((per_token * w).sum() / w.sum()).item(), rel=1e-5)
+    assert weighted_cross_entropy(logits, ids[0, 1:], None).item() == pytest.approx(plain.item(), rel=1e-5)
