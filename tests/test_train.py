@@ -267,3 +267,33 @@ def test_dpo_raises_the_chosen_over_rejected_margin(tiny_parts, manifests, tmp_p
     # Rows without a pair are refused with the reason.
     r = run_cli("train", recipe, "--out", tmp_path / "bad", *args)
     assert r.returncode == 2 and "needs chosen and rejected" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_distillation_from_the_text_llm_lowers_the_kl(tiny_parts, manifests, tmp_path):
+    """train.distill_weight=1 (Ultravox): the student hears the clip, the teacher (the same frozen LLM)
+    reads its transcript; the KL between their answers falls, and the LLM is untouched."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    # A tiny LLM with large random weights, so that its answers depend on what it reads (a default
+    # tiny init is near-uniform whatever the input, and every KL would start at ~0).
+    tok = AutoTokenizer.from_pretrained(tiny_parts[1])
+    _, cfg = tiny_configs(len(tok))
+    cfg.initializer_range = 0.5
+    torch.manual_seed(1)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llm")
+    tok.save_pretrained(tmp_path / "llm")
+    parts = (tiny_parts[0], tmp_path / "llm")
+    recipe = Path(__file__).parents[1] / "recipes" / "digits.yaml"
+    out = tmp_path / "kd"
+    r = run_cli("train", recipe, "--out", out, *recipe_args(parts, manifests, max_steps=40, eval_every=0, log_every=1, save_every=0,
+                                                              lr=3e-2, distill_weight=1.0))
+    assert r.returncode == 0, r.stderr[-3000:]
+    kl = [row["distill_kl"] for row in log_rows(out) if "distill_kl" in row]
+    assert len(kl) == 40 and sum(kl[:10]) / 10 > 0.5 and sum(kl[-10:]) / 10 < 0.85 * sum(kl[:10]) / 10, kl
+    saved = load_file(str(out / "model.safetensors"))
+    llm_ref = load_file(str(tmp_path / "llm" / "model.safetensors"))
+    torch.testing.assert_close(saved["language_model.model.layers.1.mlp.up_proj.weight"], llm_ref["model.layers.1.mlp.up_proj.weight"], rtol=0, atol=0)
+    # A teacher that would train along with the student is refused.
+    r = run_cli("train", recipe, "--out", tmp_path / "bad", *recipe_args(tiny_parts, manifests, max_steps=1, distill_weight=0.5),
+                "model.freeze_decoder=false")
+    assert r.returncode == 2 and "must stay fixed" in r.stderr

@@ -73,6 +73,7 @@ class TrainRecipe:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     num_threads: int | None = None  # torch CPU threads (null: torch's default)
     loss_weights: dict = field(default_factory=dict)  # per token type: text, semantic, acoustic, special (train/losses.py)
+    distill_weight: float = 0.0  # listening: share of the loss that is KL to the text-only LLM given the transcript (Ultravox)
     objective: str = "sft"  # sft (next-token loss on the response) | dpo (preference pairs: manifest chosen/rejected)
     dpo_beta: float = 0.1  # DPO's inverse temperature on the log-ratio margin
     prefix_cache: bool = True  # frozen LLM: keys/values of the prompt prefix all rows share are computed once
@@ -169,6 +170,12 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
         problems.append(f"train.loss_weights: unknown token types {sorted(bad_types)} (known: {', '.join(TYPES)})")
     if any(not isinstance(v, (int, float)) or v < 0 for v in recipe.train.loss_weights.values()):
         problems.append(f"train.loss_weights: weights must be numbers >= 0, found {recipe.train.loss_weights}")
+    if not 0.0 <= recipe.train.distill_weight <= 1.0:
+        problems.append(f"train.distill_weight: must be within [0, 1], found {recipe.train.distill_weight}")
+    if recipe.train.distill_weight and (m.kind != "listening" or recipe.train.objective != "sft"):
+        problems.append("train.distill_weight: distillation is for the listening family's sft objective")
+    if recipe.train.distill_weight and not m.freeze_decoder and m.lora not in ("llm", "both"):
+        problems.append("train.distill_weight: the teacher is the LLM itself, so it must stay fixed: freeze_decoder, or LoRA on the llm")
     if recipe.train.objective not in ("sft", "dpo"):
         problems.append(f"train.objective: expected sft or dpo, found {recipe.train.objective!r}")
     if recipe.train.objective == "dpo" and m.kind != "listening":

@@ -128,6 +128,24 @@ class Batcher:
     def lengths(self) -> list[float]:
         return self.dataset.lengths()
 
+    def teacher_batch(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        """The same turns as text for the text-only LLM: each `<|audio|>` replaced by its transcript."""
+        from ..models.configuration import AUDIO_TOKEN
+
+        rows, labels = [], []
+        for i in idx:
+            u = self.dataset.utterance(i)
+            if not u.text:
+                raise ValueError(f"{u.audio}: distillation needs each clip's transcript (the manifest's text)")
+            prompt = prompt_of(u, self.dataset.default_prompt).replace(AUDIO_TOKEN, u.text)
+            ids = self.processor.conversation_ids([{"role": "user", "content": prompt}], [])
+            answer = self.processor.response_ids(response_of(u))
+            rows.append(ids + answer)
+            labels.append([-100] * len(ids) + answer)
+        batch = self.processor.pad(rows, "right")
+        batch["labels"] = self.processor.pad(labels, "right", pad_id=-100)["input_ids"]
+        return {k: v.to(self.device) for k, v in batch.items()}
+
     def __call__(self, idx: list[int], responses: list[str] | None = None) -> dict[str, torch.Tensor]:
         utts = [self.dataset.utterance(i) for i in idx]
         prompts = [prompt_of(u, self.dataset.default_prompt) for u in utts]
@@ -197,6 +215,30 @@ def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     keep = targets != -100
     lp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     return (lp * keep).sum(-1)
+
+
+def distill_loss(model, batch: dict, teacher: dict, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 - w) * next-token loss + w * KL(teacher || student) on the answer's tokens (Ultravox).
+
+    The teacher is the LLM reading the transcript as text, the student the same LLM hearing the
+    audio; both predict the same answer tokens, position for position.
+    """
+    from peft import PeftModel
+
+    labels = batch["labels"]
+    out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    keep = labels[:, 1:] != -100
+    student = out.logits[:, :-1][keep].float()  # (N, V)
+    llm = model.language_model
+    with torch.no_grad(), (llm.disable_adapter() if isinstance(llm, PeftModel) else nullcontext()):
+        t_logits = llm(input_ids=teacher["input_ids"], attention_mask=teacher["attention_mask"]).logits
+    t_keep = teacher["labels"][:, 1:] != -100
+    target = t_logits[:, :-1][t_keep].float()  # (N, V), the same answer tokens in the same order
+    if target.shape != student.shape:
+        raise RuntimeError(f"teacher and student answers differ in length ({target.shape[0]} vs {student.shape[0]} tokens)")
+    kl = torch.nn.functional.kl_div(torch.log_softmax(student, -1), torch.log_softmax(target, -1), log_target=True, reduction="batchmean")
+    ce = torch.nn.functional.cross_entropy(student, labels[:, 1:][keep])
+    return (1 - weight) * ce + weight * kl, kl.detach()
 
 
 def dpo_loss(model, batch: dict, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -416,8 +458,8 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
 
-    if world > 1 and t.objective != "sft":
-        raise ValueError("train.objective=dpo runs on one process here (DDP covers the sft objective)")
+    if world > 1 and (t.objective != "sft" or t.distill_weight):
+        raise ValueError("train.objective=dpo and train.distill_weight run on one process here (DDP covers plain sft)")
     # Under torchrun: DDP over a module whose forward is the loss, so DDP's hooks see every step.
     runner = torch.nn.parallel.DistributedDataParallel(_LossModule(model)) if world > 1 else None
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
@@ -504,6 +546,9 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
                     if t.objective == "dpo":
                         loss, reward_margin = dpo_loss(model, batch, t.dpo_beta)
                         loss = loss / t.grad_accum
+                    elif t.distill_weight:
+                        loss, distill_kl = distill_loss(model, batch, train_batches.teacher_batch(idx), t.distill_weight)
+                        loss = loss / t.grad_accum
                     else:
                         loss = loss_of(model, batch) / t.grad_accum
                 loss.backward()
@@ -523,7 +568,8 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
             elapsed = time.perf_counter() - start_time
             record({"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                     "epoch": epoch, "elapsed_s": round(elapsed, 2), "audio_s_per_s": round(audio_seconds / max(elapsed, 1e-9), 2),
-                    **({"reward_margin": float(reward_margin)} if t.objective == "dpo" else {})})
+                    **({"reward_margin": float(reward_margin)} if t.objective == "dpo" else {}),
+                    **({"distill_kl": float(distill_kl)} if t.distill_weight else {})})
         if main_rank and eval_batches and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps):
             eval_loss = evaluate_loss(model, eval_batches, t.batch_size, amp) if t.objective == "sft" else \
                 evaluate_dpo(model, eval_batches, t.batch_size, t.dpo_beta, amp)
