@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import logging
 import os
 import platform
@@ -246,10 +245,9 @@ def machine_info(peers: dict, started: float) -> dict:
 
 
 def write_json(result: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    from earful.atomic import write_json as atomic_write_json
+
+    atomic_write_json(path, result)
 
 
 def print_table(result: dict) -> None:

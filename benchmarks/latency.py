@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import shlex
@@ -35,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers.generation.streamers import BaseStreamer
+
+from earful.atomic import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SR = 16000
@@ -186,10 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         "runtime_seconds": round(time.perf_counter() - started, 1),
     }
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, report)
     print(f"wrote {out}")
     return 0
 

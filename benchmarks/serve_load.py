@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import shlex
 import socket
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from earful.atomic import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "runtime_seconds": round(time.perf_counter() - started, 1),
     }
     out = Path(a.out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, report)
     print(f"wrote {out}")
     return 1 if report["failures"] else 0
 

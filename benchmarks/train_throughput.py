@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from earful.atomic import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -148,10 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "runtime_seconds": round(time.perf_counter() - started, 1),
     }
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, report)
     print(f"speed-up {report['speedup_samples_per_s']}x -> {out}")
     return 0
 

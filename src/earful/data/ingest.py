@@ -20,7 +20,6 @@ OUT/audio/.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import re
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .. import atomic
 from ..audio import DEFAULT_MAX_SECONDS, AudioError, load_audio
 from .manifest import Utterance, read_manifest, write_manifest
 
@@ -141,7 +141,7 @@ def from_dataset(spec: str, audio_dir: Path, split: str = "train") -> list[Candi
         ext = Path(a.get("path") or "").suffix.lower() or ".wav"
         target = audio_dir / f"{prefix}-{i:08d}{ext if ext in AUDIO_EXTS else '.wav'}"
         if a.get("bytes"):
-            _atomic_bytes(target, a["bytes"])
+            atomic.write_bytes(target, a["bytes"])
             audio = str(target)
         else:  # a dataset that points at files instead of holding them
             audio = a.get("path") or f"{spec}[{i}] (no audio)"
@@ -180,12 +180,6 @@ def from_urls(urls: list[str], audio_dir: Path, enable_file_urls: bool) -> tuple
                 out.append(Candidate(path, url, "", id=f"{entry.get('extractor', 'url')}-{entry.get('id')}",
                                      extra={"title": entry.get("title")} if entry.get("title") else {}))
     return out, rejects
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def collect(sources: list[str], out_dir: Path, transcripts: str | None = None, enable_file_urls: bool = False) -> tuple[list[Candidate], list[dict]]:
@@ -275,15 +269,9 @@ def ingest(
         except AudioError as e:
             rejects.append({"audio": c.audio, "source": c.source, "id": c.id, "error": type(e).__name__, "reason": e.reason})
     write_manifest(kept, out_dir / "manifest.jsonl")
-    _atomic_text(out_dir / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
+    atomic.write_jsonl(out_dir / "rejects.jsonl", rejects)
     n_in = len(candidates) + sum(1 for r in rejects if r["error"] == "FetchFailed")
     summary = {"in": n_in, "out": len(kept), "rejected": len(rejects), "hours": round(sum(u.duration for u in kept) / 3600, 4),
                "sources": sources, "seconds": round(time.perf_counter() - start, 2)}
-    _atomic_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic.write_json(out_dir / "summary.json", summary)
     return summary
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -14,7 +14,6 @@ is a reject, and the job goes on.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import tempfile
@@ -25,6 +24,7 @@ import numpy as np
 import soundfile as sf
 from tqdm.auto import tqdm
 
+from .. import atomic
 from ..audio import AudioError, audio_duration, load_audio
 from .ingest import ffmpeg_exe
 from .manifest import Utterance, read_manifest, write_manifest
@@ -125,9 +125,7 @@ def segment(inputs: list[str], out_dir: str | Path, *, by: str = "fixed", second
         except AudioError as e:
             rejects.append({"audio": u.audio, "error": type(e).__name__, "reason": e.reason})
     write_manifest(rows, out_dir / "manifest.jsonl")
-    tmp = out_dir / f".rejects.jsonl.tmp.{os.getpid()}"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rejects))
-    os.replace(tmp, out_dir / "rejects.jsonl")
+    atomic.write_jsonl(out_dir / "rejects.jsonl", rejects)
     seconds_taken = time.perf_counter() - start
     return {"in": len(sources), "segments": len(rows), "rejected": len(rejects), "audio_seconds_in": round(audio_in, 2),
             "audio_seconds_out": round(sum(r.duration for r in rows), 2), "seconds": round(seconds_taken, 3),

@@ -35,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .. import atomic
 from ..audio import DEFAULT_MAX_SECONDS, AudioError, audio_duration, load_audio
 from .manifest import Utterance, read_manifest
 
@@ -197,13 +198,6 @@ def plan_batches(items: list[_Item], batch_size: int) -> list[list[_Item]]:
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_object(root: Path, key: str, kind: str, tensor: torch.Tensor, meta: dict) -> None:
     path = object_path(root, key)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -303,7 +297,7 @@ def encode_manifest(
     bar.close()
     part = {"rank": rank, "rows": rows, "rejects": rejects, "encoded": encoded, "encoded_seconds": encoded_seconds, "done_before": done_before,
             "seconds": time.perf_counter() - start}
-    _atomic_write(root / "parts" / f"rank-{rank:05d}-of-{world:05d}.json", json.dumps(part))
+    atomic.write_json(root / "parts" / f"rank-{rank:05d}-of-{world:05d}.json", part, indent=None)
     barrier()
     summary = None
     if rank == 0:
@@ -325,8 +319,8 @@ def _merge(root: Path, world: int, n_in: int, encoder) -> dict:
     positions = [r["pos"] for r in rows] + [r["pos"] for r in rejects]
     if sorted(positions) != list(range(n_in)):  # no overlap, no gap
         raise RuntimeError(f"ranks covered {len(positions)} clips ({len(set(positions))} distinct) of {n_in}")
-    _atomic_write(root / "index.jsonl", "".join(json.dumps({k: v for k, v in r.items() if k != "pos"}) + "\n" for r in rows))
-    _atomic_write(root / "rejects.jsonl", "".join(json.dumps({k: v for k, v in r.items() if k != "pos"}) + "\n" for r in rejects))
+    atomic.write_jsonl(root / "index.jsonl", ({k: v for k, v in r.items() if k != "pos"} for r in rows))
+    atomic.write_jsonl(root / "rejects.jsonl", ({k: v for k, v in r.items() if k != "pos"} for r in rejects))
     seconds = max(p["seconds"] for p in parts)
     audio_seconds = sum(r["duration"] for r in rows)
     encoded_seconds = sum(p["encoded_seconds"] for p in parts)
@@ -337,5 +331,5 @@ def _merge(root: Path, world: int, n_in: int, encoder) -> dict:
         "audio_hours": round(audio_seconds / 3600, 4), "seconds": round(seconds, 2),
         "encoded_audio_hours_per_hour": round(encoded_seconds / seconds, 1) if seconds > 0 else None,
     }
-    _atomic_write(root / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic.write_json(root / "summary.json", summary)
     return summary

@@ -24,6 +24,7 @@ import numpy as np
 import soundfile as sf
 from tqdm.auto import tqdm
 
+from .. import atomic
 from ..audio import resample
 from .manifest import Utterance, write_manifest
 
@@ -117,8 +118,6 @@ def synthesize_corpus(lines: list[Line], out_dir: str | Path, *, voices: str = D
             rows.append(Utterance(audio=str(path), text=line.text, id=path.stem, speaker=name, duration=duration,
                                   prompt="<|audio|>", response=line.response))
     write_manifest(rows, out_dir / "manifest.jsonl")
-    tmp = out_dir / f".rejects.jsonl.tmp.{os.getpid()}"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rejects))
-    os.replace(tmp, out_dir / "rejects.jsonl")
+    atomic.write_jsonl(out_dir / "rejects.jsonl", rejects)
     return {"in": len(lines), "out": len(rows), "rejected": len(rejects), "hours": round(sum(r.duration for r in rows) / 3600, 4),
             "voices": [n for n, _ in speakers.voices]}

@@ -7,9 +7,7 @@ Whisper and Open ASR Leaderboard evaluations.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +16,7 @@ import jiwer
 import torch
 from tqdm.auto import tqdm
 
+from .. import atomic
 from ..audio import AudioError, load_audio
 from ..data.dataset import length_grouped_batches
 from ..data.manifest import Utterance
@@ -99,8 +98,4 @@ def evaluate_asr(
 
 def write_report(report: dict, path: str | Path) -> None:
     """JSON, written atomically: a crash never leaves half a report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic.write_json(path, report)

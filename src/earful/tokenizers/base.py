@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_text as atomic_write_text  # the one atomic text writer, under the name callers use
+
 CONFIG_FILE = "audio_tokenizer.json"
 
 
@@ -72,17 +74,6 @@ class AudioTokenizer(ABC):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / CONFIG_FILE, json.dumps({"kind": self.kind, **self.config()}, indent=2) + "\n")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from .. import atomic
 from ..data.dataset import SpeechDataset, infinite_batches, length_grouped_batches, prompt_of, response_of
 from ..data.manifest import read_manifest
 from ..models.build import build_speech_lm, load_speech_lm, save_speech_lm
@@ -496,7 +497,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
         else:
             # Layer dropping happened already: "before" is the pretrained LLM only when no layer was dropped.
             text_before = text_ability(*parts.text_model())
-            _atomic_write_text(before_path, json.dumps(text_before, indent=2) + "\n")
+            atomic.write_json(before_path, text_before)
         logger.info("text ability before training: %s", text_before)
 
     from torch.utils.tensorboard import SummaryWriter
@@ -610,7 +611,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
         failed = [f"{what} by {change[key]:g} (limit {limit:g})" for limit, key, what in limits if limit is not None and change[key] > limit]
         summary["text_gate_passed"] = not failed
     summary["world_size"] = world
-    _atomic_write_text(out_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic.write_json(out_dir / "train_summary.json", summary)
     if ckpt_path.exists():
         ckpt_path.unlink()  # the finished model supersedes it
     _finish_distributed()
@@ -689,12 +690,6 @@ def _ddp_micro_step(runner, batcher, idx: list[int], rank: int, world: int, amp)
     total = torch.tensor([float(mean.detach()) * n_mine], dtype=torch.float64)
     dist.all_reduce(total)
     return float(total[0]) / n_all
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_final(model, processor, out_dir: Path) -> None:

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from ..audio import load_audio
