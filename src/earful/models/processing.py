@@ -32,19 +32,18 @@ class PromptFormat:
     default_prompt: str = DEFAULT_PROMPT  # the user turn the model was trained with; transcribe/eval reuse it
 
 
-def featurize(feature_extractor, encoder_config, waves: list[np.ndarray]) -> dict[str, torch.Tensor]:
-    """Each clip's features alone (Whisper: no 30 s padding), then padded to the longest with a mask.
-
-    -> `input_features` (B, F, T) mel frames or (B, T) samples, `input_features_mask` (B, T).
-    """
+def clip_features(feature_extractor, encoder_config, wave: np.ndarray) -> np.ndarray:
+    """One clip's features, time on the last axis: (F, T) mel frames (Whisper: no 30 s padding) or (T,) samples."""
     kwargs = {"sampling_rate": feature_extractor.sampling_rate, "return_tensors": "np"}
-    feats = []
-    for wave in waves:
-        if encoder_config.model_type == "whisper":
-            out = feature_extractor(wave, padding="longest", **kwargs)
-        else:
-            out = feature_extractor(wave, **kwargs)
-        feats.append(out["input_features" if "input_features" in out else "input_values"][0])
+    if encoder_config.model_type == "whisper":
+        out = feature_extractor(wave, padding="longest", **kwargs)
+    else:
+        out = feature_extractor(wave, **kwargs)
+    return out["input_features" if "input_features" in out else "input_values"][0]
+
+
+def pad_features(feats: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    """Clips' features padded to the longest: `input_features` (B, F, T) or (B, T), `input_features_mask` (B, T)."""
     lengths = [f.shape[-1] for f in feats]
     T = max(lengths)
     batch = np.zeros((len(feats), *feats[0].shape[:-1], T), dtype=np.float32)
@@ -53,6 +52,11 @@ def featurize(feature_extractor, encoder_config, waves: list[np.ndarray]) -> dic
         batch[i, ..., :n] = f
         mask[i, :n] = 1
     return {"input_features": torch.from_numpy(batch), "input_features_mask": torch.from_numpy(mask)}
+
+
+def featurize(feature_extractor, encoder_config, waves: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    """Each clip's features alone, then padded to the longest with a mask (`clip_features` + `pad_features`)."""
+    return pad_features([clip_features(feature_extractor, encoder_config, w) for w in waves])
 
 
 class SpeechLMProcessor:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..audio import DEFAULT_MAX_SECONDS, decode_audio_bytes, load_audio, resample
+from ..models.processing import clip_features, pad_features
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,26 @@ MIN_AUDIO_SECONDS = 0.05  # shorter clips give the encoder no frame to work with
 
 class RequestError(ValueError):
     """A request the model cannot answer as asked (the server turns it into a 400)."""
+
+
+def read_audio_like(audio: AudioLike, sampling_rate: int, max_seconds: float, name: str = "<audio>") -> np.ndarray:
+    """Any `AudioLike` -> float32 mono at `sampling_rate`, checked like every earful input."""
+    limits = {"max_seconds": max_seconds, "min_seconds": MIN_AUDIO_SECONDS}
+    if isinstance(audio, (str, Path)):
+        return load_audio(audio, sampling_rate, **limits)
+    if isinstance(audio, (bytes, bytearray, memoryview)):
+        return decode_audio_bytes(bytes(audio), sampling_rate, name=name, **limits)
+    rate = sampling_rate
+    if isinstance(audio, tuple):
+        audio, rate = audio
+    wave = np.asarray(audio, dtype=np.float32)
+    if wave.ndim == 2:
+        wave = wave.mean(axis=-1 if wave.shape[-1] < wave.shape[0] else 0)
+    if wave.ndim != 1 or not np.isfinite(wave).all() or len(wave) < MIN_AUDIO_SECONDS * rate:
+        raise RequestError(f"{name}: a waveform must be a 1-D finite float array of at least {MIN_AUDIO_SECONDS} s")
+    if len(wave) > max_seconds * rate:
+        raise RequestError(f"{name}: {len(wave) / rate:.1f} s of audio, over the {max_seconds:g} s limit")
+    return resample(wave, rate, sampling_rate)
 
 
 @dataclass(frozen=True)
@@ -77,7 +98,7 @@ class Generation:
 @dataclass
 class _Job:
     ids: list[int]
-    waves: list[np.ndarray]
+    features: list[np.ndarray]  # each clip's encoder features, computed once when the request came in
     options: DecodingOptions
     future: Future
     streamer: object | None = None
@@ -107,24 +128,9 @@ class SpeechLM:
     # -- inputs ----------------------------------------------------------------------------------
     def read_audio(self, audio: AudioLike, name: str = "<audio>") -> np.ndarray:
         """Any `AudioLike` -> float32 mono at the model's rate, checked like every earful input."""
-        limits = {"max_seconds": self.max_audio_seconds, "min_seconds": MIN_AUDIO_SECONDS}
-        if isinstance(audio, (str, Path)):
-            return load_audio(audio, self.sampling_rate, **limits)
-        if isinstance(audio, (bytes, bytearray, memoryview)):
-            return decode_audio_bytes(bytes(audio), self.sampling_rate, name=name, **limits)
-        rate = self.sampling_rate
-        if isinstance(audio, tuple):
-            audio, rate = audio
-        wave = np.asarray(audio, dtype=np.float32)
-        if wave.ndim == 2:
-            wave = wave.mean(axis=-1 if wave.shape[-1] < wave.shape[0] else 0)
-        if wave.ndim != 1 or not np.isfinite(wave).all() or len(wave) < MIN_AUDIO_SECONDS * rate:
-            raise RequestError(f"{name}: a waveform must be a 1-D finite float array of at least {MIN_AUDIO_SECONDS} s")
-        if len(wave) > self.max_audio_seconds * rate:
-            raise RequestError(f"{name}: {len(wave) / rate:.1f} s of audio, over the {self.max_audio_seconds:g} s limit")
-        return resample(wave, rate, self.sampling_rate)
+        return read_audio_like(audio, self.sampling_rate, self.max_audio_seconds, name)
 
-    def _conversation(self, messages: list[dict]) -> tuple[list[int], list[np.ndarray]]:
+    def _conversation(self, messages: list[dict]) -> tuple[list[int], list[np.ndarray]]:  # (prompt ids, clip features)
         """Messages whose content is text or a list of parts.
 
         A part is text (a str), or audio: `{"audio": AudioLike}`, or an AudioLike other than a str
@@ -161,15 +167,13 @@ class SpeechLM:
             texts.append({"role": role, "content": text})
         if texts[-1]["role"] != "user":
             raise RequestError("messages: the last message must be the user's")
-        n_audio = self.processor.audio_positions(torch.tensor([self._feature_length(w) for w in waves], dtype=torch.long)).tolist() if waves else []
+        features = [clip_features(self.processor.feature_extractor, self.model.config.encoder_config, w) for w in waves]
+        n_audio = self.processor.audio_positions(torch.tensor([f.shape[-1] for f in features], dtype=torch.long)).tolist() if waves else []
         ids = self.processor.conversation_ids(texts, n_audio)
         limit = getattr(self.model.config.text_config, "max_position_embeddings", None)
         if limit and len(ids) >= limit:
             raise RequestError(f"the conversation takes {len(ids)} positions, over the model's {limit}")
-        return ids, waves
-
-    def _feature_length(self, wave: np.ndarray) -> int:
-        return self.processor.featurize([wave])["input_features_mask"].shape[-1]
+        return ids, features
 
     def _messages(self, messages, audio, prompt) -> list[dict]:
         if messages is not None:
@@ -185,13 +189,13 @@ class SpeechLM:
     # -- answers ---------------------------------------------------------------------------------
     def submit(self, messages: list[dict], options: DecodingOptions | None = None, stream: bool = False) -> tuple[Future, Iterator[str] | None]:
         """Queue a conversation; returns a Future of its `Generation` (and a text iterator when streaming)."""
-        ids, waves = self._conversation(messages)
+        ids, features = self._conversation(messages)
         streamer = None
         if stream:
             from transformers import TextIteratorStreamer
 
             streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        job = _Job(ids, waves, options or DecodingOptions(), Future(), streamer)
+        job = _Job(ids, features, options or DecodingOptions(), Future(), streamer)
         with self._cv:
             if self._closed:
                 raise RuntimeError("this SpeechLM is closed")
@@ -269,9 +273,9 @@ class SpeechLM:
     @torch.no_grad()
     def _run(self, jobs: list[_Job]) -> None:
         batch = self.processor.pad([j.ids for j in jobs], padding_side="left")
-        waves = [w for j in jobs for w in j.waves]
-        if waves:
-            batch.update(self.processor.featurize(waves))
+        features = [f for j in jobs for f in j.features]
+        if features:
+            batch.update(pad_features(features))
         batch = {k: v.to(self.model.device) for k, v in batch.items()}
         options = jobs[0].options
         max_new = max(j.options.max_new_tokens for j in jobs)
@@ -326,13 +330,7 @@ class SpeakingLM:
         return bool(self.lm.audio_tokenizer.can_decode)
 
     def read_audio(self, audio: AudioLike, name: str = "<audio>") -> np.ndarray:
-        limits = {"max_seconds": self.max_audio_seconds, "min_seconds": MIN_AUDIO_SECONDS}
-        if isinstance(audio, (str, Path)):
-            return load_audio(audio, self.sampling_rate, **limits)
-        if isinstance(audio, (bytes, bytearray, memoryview)):
-            return decode_audio_bytes(bytes(audio), self.sampling_rate, name=name, **limits)
-        wave, rate = audio if isinstance(audio, tuple) else (audio, self.sampling_rate)
-        return resample(np.asarray(wave, dtype=np.float32), rate, self.sampling_rate)
+        return read_audio_like(audio, self.sampling_rate, self.max_audio_seconds, name)
 
     def continue_speech(self, audio: AudioLike, *, max_new_tokens: int = 128, temperature: float = 0.8, top_k: int = 50,
                         seed: int | None = None) -> tuple[list[int], list[int], np.ndarray | None]:
