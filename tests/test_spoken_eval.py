@@ -142,6 +142,7 @@ def test_generate_units_to_json_and_refuse_wav(units_lm_dir, fsdd, tmp_path):
     assert out["tokenizer"] == "units" and out["prompt_units"]
     assert 0 < len(out["continuation_units"]) <= 12 and all(0 <= u < K for u in out["continuation_units"])
     r2 = run_cli("generate", "--model", units_lm_dir, "--audio", clip, "--out", tmp_path / "ids2.json", "--max-new-tokens", "12")
+    assert r2.returncode == 0, r2.stderr[-2000:]
     assert json.loads((tmp_path / "ids2.json").read_text()) == out  # seeded sampling
     r = run_cli("generate", "--model", units_lm_dir, "--audio", clip, "--out", tmp_path / "x.wav")
     assert r.returncode == 2 and "no vocoder" in r.stderr and not (tmp_path / "x.wav").exists()

@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 
 class ManifestError(ValueError):
@@ -42,27 +42,37 @@ class Utterance:
         return row
 
 
-def read_manifest(path: str | Path) -> list[Utterance]:
-    """All utterances of a manifest, with `audio` made absolute. Errors name the line."""
-    path = Path(path)
+def json_lines(path: Path, what: str) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line of a JSON Lines file; errors name the line."""
     if not path.is_file():
-        raise ManifestError(f"{path}: manifest not found")
-    rows = []
-    known = set(Utterance.__dataclass_fields__)
+        raise ManifestError(f"{path}: {what} not found")
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield n, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ManifestError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("audio"), str):
-                raise ManifestError(f"{path}:{n}: each line needs an 'audio' path")
-            row = {k: v for k, v in row.items() if k in known}
-            audio = Path(row["audio"])
-            row["audio"] = str(audio if audio.is_absolute() else (path.parent / audio).resolve())
-            rows.append(Utterance(**row))
+
+
+def absolute_audio(path: Path, audio: str) -> str:
+    """An audio path from a file at `path`: absolute as given, else relative to that file's folder."""
+    p = Path(audio)
+    return str(p if p.is_absolute() else (path.parent / p).resolve())
+
+
+def read_manifest(path: str | Path) -> list[Utterance]:
+    """All utterances of a manifest, with `audio` made absolute. Errors name the line."""
+    path = Path(path)
+    rows = []
+    known = set(Utterance.__dataclass_fields__)
+    for n, row in json_lines(path, "manifest"):
+        if not isinstance(row, dict) or not isinstance(row.get("audio"), str):
+            raise ManifestError(f"{path}:{n}: each line needs an 'audio' path")
+        row = {k: v for k, v in row.items() if k in known}
+        row["audio"] = absolute_audio(path, row["audio"])
+        rows.append(Utterance(**row))
     if not rows:
         raise ManifestError(f"{path}: manifest holds no utterances")
     return rows

@@ -12,7 +12,6 @@ absolute), optional `group` (e.g. "sStoryCloze") and `id`.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import defaultdict
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data.manifest import ManifestError
+from ..data.manifest import ManifestError, absolute_audio, json_lines
 
 logger = logging.getLogger(__name__)
 
@@ -40,21 +39,11 @@ class Pair:
 def read_pairs(path: str | Path) -> list[Pair]:
     """Every pair of a pairs file, paths made absolute. Errors name the line."""
     path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"{path}: pairs file not found")
     pairs = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ManifestError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("correct", "wrong")):
-                raise ManifestError(f"{path}:{n}: each line needs 'correct' and 'wrong' audio paths")
-            absolute = {k: str(p if (p := Path(row[k])).is_absolute() else (path.parent / p).resolve()) for k in ("correct", "wrong")}
-            pairs.append(Pair(absolute["correct"], absolute["wrong"], str(row.get("group", "all")), row.get("id")))
+    for n, row in json_lines(path, "pairs file"):
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("correct", "wrong")):
+            raise ManifestError(f"{path}:{n}: each line needs 'correct' and 'wrong' audio paths")
+        pairs.append(Pair(absolute_audio(path, row["correct"]), absolute_audio(path, row["wrong"]), str(row.get("group", "all")), row.get("id")))
     if not pairs:
         raise ManifestError(f"{path}: holds no pairs")
     return pairs
