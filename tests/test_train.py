@@ -77,7 +77,7 @@ def test_train_cli_end_to_end(tiny_parts, manifests, tmp_path):
     assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 30 and summary["train_utterances"] == 60
-    assert not (out / "checkpoint.pt").exists()  # the finished model supersedes it
+    assert not (out / "checkpoints").exists()  # the finished model supersedes them
 
     # The output is a save_pretrained folder; the frozen encoder kept its weights, the LLM learnt.
     from earful.models.build import load_speech_lm
@@ -102,11 +102,11 @@ def test_kill_minus_9_then_resume_continues_the_same_run(tiny_parts, manifests, 
            *recipe_args(tiny_parts, manifests, **steps)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (crashed / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+    while not (crashed / "checkpoints" / "latest").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (crashed / "checkpoint.pt").exists(), "the run ended before its first checkpoint: make steps slower"
+    assert (crashed / "checkpoints" / "latest").exists(), "the run ended before its first checkpoint: make steps slower"
     assert not (crashed / "model.safetensors").exists()
     assert not list(crashed.glob("*.tmp"))  # nothing half-written under a final name
 
@@ -215,6 +215,88 @@ def test_ddp_on_two_torchrun_processes_matches_one(tiny_parts, manifests, tmp_pa
     wa, wb = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
     for k in ("multi_modal_projector.linear_1.weight", "language_model.model.layers.1.mlp.up_proj.weight"):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def _descendants(pid: int) -> list[int]:
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _kill_after_first_checkpoint(cmd: list[str], out: Path, env: dict) -> str:
+    """Run `cmd`, kill -9 it and every process under it (torchrun's workers too) once
+    out/checkpoints/latest exists; returns its stderr."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "latest").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    err = proc.communicate()[1]
+    assert (out / "checkpoints" / "latest").exists() and not (out / "model.safetensors").exists(), err[-3000:]
+    return err
+
+
+def test_fsdp_on_two_torchrun_processes_resumes_across_world_sizes(tiny_parts, manifests, tmp_path):
+    """train.parallel=fsdp: two torchrun processes (gloo, CPU) each hold half of every parameter
+    (FSDP2 fully_shard), and their loss curve is one process's with the same global batch.
+    Checkpoints are sharded and keyed by name, so a run killed (-9) on two FSDP ranks resumes on ONE
+    process, and a run killed on one process resumes on two FSDP ranks; either way every step's
+    loss, the eval losses and the final weights are the uninterrupted one-process run's."""
+    recipe = Path(__file__).parents[1] / "recipes" / "digits.yaml"
+    args = [*map(str, recipe_args(tiny_parts, manifests, max_steps=60, eval_every=20, log_every=1, save_every=3, lr=1e-2)),
+            "model.freeze_decoder=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2", "-m", "earful", "-v", "train", str(recipe)]
+    one = run_cli("train", recipe, "--out", tmp_path / "one", *args, "train.save_every=0", env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    # Two FSDP ranks, killed, resumed on one process.
+    a = tmp_path / "two_then_one"
+    err = _kill_after_first_checkpoint([*torchrun, "--out", str(a), *args, "train.parallel=fsdp"], a, env)
+    assert "FSDP2: 4 blocks" in err, err[-3000:]  # 2 encoder + 2 decoder layers, each its own shard group
+    latest = a / "checkpoints" / (a / "checkpoints" / "latest").read_text().strip()
+    assert sorted(p.name for p in latest.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one shard per rank
+    r = run_cli("-v", "train", recipe, "--out", a, "--resume", *args, env=env)
+    assert r.returncode == 0 and "saved by 2 process(es), now 1" in r.stderr, r.stderr[-3000:]
+
+    # One process, killed, resumed on two FSDP ranks (which gather the model whole to save it).
+    b = tmp_path / "one_then_two"
+    _kill_after_first_checkpoint([sys.executable, "-m", "earful", "train", str(recipe), "--out", str(b), *args], b, env)
+    r = subprocess.run([*torchrun, "--out", str(b), "--resume", *args, "train.parallel=fsdp"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and "saved by 1 process(es), now 2" in r.stderr, r.stderr[-3000:]
+    assert json.loads((b / "train_summary.json").read_text())["parallel"] == "fsdp"
+
+    want = {row["step"]: row["loss"] for row in log_rows(tmp_path / "one") if "loss" in row}
+    want_eval = {row["step"]: row["eval_loss"] for row in log_rows(tmp_path / "one") if "eval_loss" in row}
+    assert sorted(want) == list(range(1, 61)) and sorted(want_eval) == [20, 40, 60] and want[60] < want[1]
+    ref = load_file(str(tmp_path / "one" / "model.safetensors"))
+    for run in (a, b):
+        rows = log_rows(run)
+        got = {row["step"]: row["loss"] for row in rows if "loss" in row}  # later rows win
+        got_eval = {row["step"]: row["eval_loss"] for row in rows if "eval_loss" in row}
+        assert sorted(got) == list(range(1, 61)) and sorted(got_eval) == [20, 40, 60]
+        for step in range(1, 61):
+            assert got[step] == pytest.approx(want[step], rel=1e-3, abs=1e-5), (run.name, step)
+        for step in (20, 40, 60):
+            assert got_eval[step] == pytest.approx(want_eval[step], rel=1e-3, abs=1e-5), (run.name, step)
+        w = load_file(str(run / "model.safetensors"))
+        for k in ("multi_modal_projector.linear_1.weight", "language_model.model.layers.1.mlp.up_proj.weight"):
+            torch.testing.assert_close(w[k], ref[k], rtol=1e-3, atol=1e-4)
+        assert not (run / "checkpoints").exists()
 
 
 def test_samples_and_wandb_offline(tiny_parts, manifests, tmp_path):

@@ -129,8 +129,9 @@ def train_cmd(recipe: str, out: str, set: list[str] | None = None, resume: bool 
     """Train a listening or units LM per a YAML recipe; OUT becomes a save_pretrained model folder.
 
     --set section.key=value overrides the recipe (e.g. --set train.max_steps=3 data.train=M.jsonl).
-    --resume continues from OUT/checkpoint.pt exactly where it stopped. Under `torchrun
-    --nproc_per_node N -m earful train ...` the ranks share each batch (DDP); rank 0 writes.
+    --resume continues from the latest OUT/checkpoints/ folder exactly where it stopped, on any
+    number of processes. Under `torchrun --nproc_per_node N -m earful train ...` the ranks share
+    each batch (train.parallel: ddp, or fsdp to shard the model); rank 0 writes logs and the model.
     """
     from .train.recipe import load_recipe
     from .train.trainer import train
@@ -445,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("recipe", help="YAML recipe (see recipes/)")
     s.add_argument("--out", required=True, help="output folder: the trained model, logs, checkpoints")
     s.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="override recipe fields")
-    s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints/ (any world size)")
     s.set_defaults(fn=lambda a: train_cmd(a.recipe, a.out, a.set, a.resume))
 
     ev = stages.add_parser("eval", help="evaluate a model").add_subparsers(dest="verb", required=True, metavar="VERB")

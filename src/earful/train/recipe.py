@@ -72,6 +72,7 @@ class TrainRecipe:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     num_threads: int | None = None  # torch CPU threads (null: torch's default)
+    parallel: str = "ddp"  # under torchrun: ddp (each rank holds the model) | fsdp (FSDP2 fully_shard: each rank holds 1/N)
     loss_weights: dict = field(default_factory=dict)  # per token type: text, semantic, acoustic, special (train/losses.py)
     distill_weight: float = 0.0  # listening: share of the loss that is KL to the text-only LLM given the transcript (Ultravox)
     objective: str = "sft"  # sft (next-token loss on the response) | dpo (preference pairs: manifest chosen/rejected)
@@ -133,6 +134,11 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
         for key, value in values.items():
             if hints.get(key) is str and isinstance(value, bool):
                 value = "on" if value else "off"  # YAML reads a bare on/off as a boolean
+            if float in getattr(hints.get(key), "__args__", (hints.get(key),)) and isinstance(value, str):
+                try:
+                    value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+                except ValueError:
+                    pass
             if key not in hints:
                 problems.append(f"{name}.{key}: unknown key (known: {', '.join(hints)})")
             elif not _check_type(value, hints[key]):
@@ -180,6 +186,10 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
         problems.append(f"train.objective: expected sft or dpo, found {recipe.train.objective!r}")
     if recipe.train.objective == "dpo" and m.kind != "listening":
         problems.append("train.objective: dpo is built for the listening family (model.kind: listening)")
+    from .parallel import MODES
+
+    if t.parallel not in MODES:
+        problems.append(f"train.parallel: expected {' or '.join(MODES)}, found {t.parallel!r}")
     if recipe.train.wandb not in ("auto", "off", "offline", "online"):
         problems.append(f"train.wandb: expected auto, off, offline or online, found {recipe.train.wandb!r}")
     if recipe.train.text_gate not in ("auto", "on", "off"):

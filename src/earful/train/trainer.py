@@ -17,7 +17,7 @@ import os
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -37,7 +37,6 @@ from .recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
 
 
@@ -264,17 +263,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names}
-
-
 def loss_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The mean next-token loss of a batch, for either model family."""
     weights = getattr(model, "token_weights", None)  # train.loss_weights, set by the trainer
@@ -300,14 +288,14 @@ def evaluate_dpo(model, batcher, batch_size: int, beta: float, amp) -> float:
 
 
 @torch.no_grad()
-def evaluate_loss(model, batcher, batch_size: int, amp) -> float:
-    """Mean token loss over the whole eval set (token-weighted)."""
+def evaluate_loss(model, batcher, batch_size: int, amp, runner=None) -> float:
+    """Mean token loss over the whole eval set (token-weighted); through `runner` (FSDP) when given."""
     model.eval()
     total, tokens = 0.0, 0
     for idx in length_grouped_batches(batcher.lengths(), batch_size, seed=0, shuffle=False):
         batch = batcher(idx)
         with amp:
-            loss = loss_of(model, batch)
+            loss = runner(batch) if runner is not None else loss_of(model, batch)
         n = int((batch["labels"][:, 1:] != -100).sum())
         total += float(loss) * n
         tokens += n
@@ -326,8 +314,9 @@ class Parts:
     eval_batches: Callable | None
     durations: list[float]  # audio seconds of each training example (for the audio_s_per_s log)
     n_utterances: int
-    save: Callable[[Path], None]  # writes the trained model as a save_pretrained folder
-    text_model: Callable[[], tuple] | None = None  # () -> (causal LM, tokenizer) for the text-ability gate
+    save: Callable[[torch.nn.Module, Path], None]  # (model, out) writes the trained model as a save_pretrained folder
+    rebuild: Callable[[], torch.nn.Module]  # the same model, built afresh and whole (FSDP gathers the trained weights into it)
+    text_model: Callable[[torch.nn.Module], tuple] | None = None  # model -> (causal LM, tokenizer) for the text-ability gate
     samples: Callable[[int], list[dict]] | None = None  # n -> eval clips with audio, reference and the model's answer
     token_weights: Callable[[dict], object] | None = None  # train.loss_weights -> losses.TokenWeights for this family
 
@@ -341,7 +330,7 @@ def _text_gate_on(recipe: Recipe, model: torch.nn.Module, parts: Parts) -> bool:
         return False
     if recipe.train.text_gate == "on":
         return True
-    llm = parts.text_model()[0]
+    llm = parts.text_model(model)[0]
     return any(p.requires_grad for p in llm.parameters()) or recipe.model.keep_every_nth_layer > 1
 
 
@@ -384,7 +373,8 @@ def listening_parts(recipe: Recipe, device: torch.device) -> Parts:
         train_batches = PreferenceBatcher(train_batches, model, t.batch_size, "reference log-probs of train pairs (once)")
         eval_batches = PreferenceBatcher(eval_batches, model, t.batch_size, "reference log-probs of eval pairs (once)") if eval_batches else None
     return Parts(model, train_batches, eval_batches, train_set.lengths(), len(train_set.utterances),
-                 lambda out: save_final(model, processor, out), text_model=lambda: (model.language_model, processor.tokenizer),
+                 lambda m, out: save_final(m, processor, out), lambda: build_model(recipe)[0],
+                 text_model=lambda m: (m.language_model, processor.tokenizer),
                  samples=(lambda n: _listening_samples(model, processor, eval_set, n)) if eval_set else None,
                  token_weights=lambda w: _weights(w, {processor.tokenizer.eos_token_id}))
 
@@ -425,7 +415,8 @@ def units_parts(recipe: Recipe, device: torch.device) -> Parts:
     specials = {v.sound_start_id, v.sound_end_id, v.text_start_id, v.text_end_id, lm.tokenizer.eos_token_id}
     per_frame = lm.audio_tokenizer.tokens_per_frame if lm.audio_tokenizer is not None else 1
     return Parts(lm.model, train_batches, eval_batches, train_batches.durations(), len(train_batches.utterances),
-                 lambda out: save_units(lm, out),
+                 lambda m, out: save_units(replace(lm, model=m), out), lambda: build_units_lm(recipe).model,
+                 text_model=lambda m: (m, lm.tokenizer),  # text-only scores of the LLM whose vocabulary grew
                  token_weights=lambda w: _weights(w, specials, first_unit_id=v.first_unit_id, n_units=v.n_units, tokens_per_frame=per_frame))
 
 
@@ -434,6 +425,9 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
 
     Returns the run summary (also written to `out_dir/train_summary.json`).
     """
+    from . import checkpoint
+    from .parallel import finish_distributed, full_trainable_state, init_distributed, micro_step, wrap
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t = recipe.train
@@ -442,13 +436,14 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
     random.seed(t.seed)
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
-    rank, world = _init_distributed()
+    rank, world = init_distributed()
     device = pick_device(t.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     amp = autocast_for(device, t.precision)
-    main_rank = rank == 0  # only rank 0 writes logs, checkpoints and the model
+    main_rank = rank == 0  # only rank 0 writes logs and the model
+    fsdp = world > 1 and t.parallel == "fsdp"
 
     # -- model and data ------------------------------------------------------------------------
     parts = units_parts(recipe, device) if recipe.model.kind == "units" else listening_parts(recipe, device)
@@ -456,34 +451,9 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
     if t.loss_weights:
         model.token_weights = parts.token_weights(t.loss_weights)
         logger.info("loss weights per token type: %s", model.token_weights.w)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
-
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if world > 1 and (t.objective != "sft" or t.distill_weight):
-        raise ValueError("train.objective=dpo and train.distill_weight run on one process here (DDP covers plain sft)")
-    # Under torchrun: DDP over a module whose forward is the loss, so DDP's hooks see every step.
-    runner = torch.nn.parallel.DistributedDataParallel(_LossModule(model)) if world > 1 else None
-    optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, min(t.warmup_steps, t.max_steps), t.max_steps)
-
-    # -- resume --------------------------------------------------------------------------------
-    step, epoch, next_batch = 0, 0, 0
-    ckpt_path = out_dir / CHECKPOINT
-    if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        missing = set(ckpt["trainable"]) ^ {n for n, p in model.named_parameters() if p.requires_grad}
-        if missing:
-            raise ValueError(f"{ckpt_path}: trained parameters differ from this recipe's ({sorted(missing)[:3]}...)")
-        model.load_state_dict(ckpt["trainable"], strict=False)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"])
-        step, epoch, next_batch = ckpt["step"], ckpt["epoch"], ckpt["next_batch"]
-        logger.info("resumed from %s at step %d", ckpt_path, step)
-    elif resume:
-        logger.warning("--resume: no checkpoint at %s, starting from step 0", ckpt_path)
-    elif (out_dir / LOG).exists() and main_rank:
-        (out_dir / LOG).unlink()  # a fresh run owns its log
+        raise ValueError("train.objective=dpo and train.distill_weight run on one process here (DDP and FSDP cover plain sft)")
 
     # -- the text-ability gate: the LLM's text-only scores before training ---------------------
     gate = main_rank and _text_gate_on(recipe, model, parts)
@@ -496,9 +466,34 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
             text_before = json.loads(before_path.read_text())
         else:
             # Layer dropping happened already: "before" is the pretrained LLM only when no layer was dropped.
-            text_before = text_ability(*parts.text_model())
+            text_before = text_ability(*parts.text_model(model))
             atomic.write_json(before_path, text_before)
         logger.info("text ability before training: %s", text_before)
+
+    # -- several processes: DDP or FSDP2 around a module whose forward is the loss -------------
+    runner = None
+    if world > 1:
+        if fsdp and getattr(model, "prefix_cache", None) is not None:
+            model.prefix_cache = None  # each rank would build it at its own moment: FSDP needs every rank in step
+            logger.info("train.parallel=fsdp: the prompt-prefix cache is off")
+        runner = wrap(model, loss_of, t.parallel, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP replaces them by shards
+    optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, min(t.warmup_steps, t.max_steps), t.max_steps)
+
+    # -- resume --------------------------------------------------------------------------------
+    step, epoch, next_batch = 0, 0, 0
+    ckpt = checkpoint.latest_checkpoint(out_dir) if resume else None
+    if ckpt is not None:
+        extra = checkpoint.load_checkpoint(ckpt, model, optimizer)
+        scheduler.load_state_dict(extra["scheduler"])
+        _set_rng_state(extra["rng"])
+        step, epoch, next_batch = extra["step"], extra["epoch"], extra["next_batch"]
+        logger.info("resumed from %s at step %d (saved by %d process(es), now %d)", ckpt, step, extra.get("world_size", 1), world)
+    elif resume:
+        logger.warning("--resume: no checkpoint in %s, starting from step 0", out_dir / checkpoint.DIR)
+    elif (out_dir / LOG).exists() and main_rank:
+        (out_dir / LOG).unlink()  # a fresh run owns its log
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -518,7 +513,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
             wb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
     def record_samples(at_step: int) -> None:
-        if not (main_rank and parts.samples and t.log_samples):
+        if not (main_rank and parts.samples and t.log_samples) or fsdp:  # under FSDP the model is in shards
             return
         rows = parts.samples(t.log_samples)
         for i, r in enumerate(rows):
@@ -555,7 +550,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
                 loss.backward()
                 loss_sum += loss.item()
             else:
-                loss_sum += _ddp_micro_step(runner, train_batches, idx, rank, world, amp) / t.grad_accum
+                loss_sum += micro_step(runner, train_batches, idx, rank, world, amp) / t.grad_accum
             audio_seconds += sum(durations[i] for i in idx)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm))
         optimizer.step()
@@ -571,20 +566,33 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
                     "epoch": epoch, "elapsed_s": round(elapsed, 2), "audio_s_per_s": round(audio_seconds / max(elapsed, 1e-9), 2),
                     **({"reward_margin": float(reward_margin)} if t.objective == "dpo" else {}),
                     **({"distill_kl": float(distill_kl)} if t.distill_weight else {})})
-        if main_rank and eval_batches and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps):
-            eval_loss = evaluate_loss(model, eval_batches, t.batch_size, amp) if t.objective == "sft" else \
-                evaluate_dpo(model, eval_batches, t.batch_size, t.dpo_beta, amp)
+        if eval_batches and (main_rank or fsdp) and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps):
+            if t.objective != "sft":
+                eval_loss = evaluate_dpo(model, eval_batches, t.batch_size, t.dpo_beta, amp)
+            else:  # under FSDP every rank runs it: each block is gathered from all of them
+                eval_loss = evaluate_loss(model, eval_batches, t.batch_size, amp, runner if fsdp else None)
+            if fsdp:
+                runner.reshard()  # FSDP leaves the root's gathered weights in place after a forward without backward
             record({"step": step, "eval_loss": eval_loss})
             record_samples(step)
-            bar.write(f"step {step}: eval loss {eval_loss:.4f}")
-        if main_rank and t.save_every and step % t.save_every == 0 and step < t.max_steps:
-            _atomic_torch_save({"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step,
-                                "epoch": epoch, "next_batch": next_batch, "recipe": recipe.to_dict()}, ckpt_path)
+            if main_rank:
+                bar.write(f"step {step}: eval loss {eval_loss:.4f}")
+        if t.save_every and step % t.save_every == 0 and step < t.max_steps:
+            checkpoint.save_checkpoint(out_dir, step, model, optimizer, {
+                "scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step, "epoch": epoch,
+                "next_batch": next_batch, "world_size": world, "recipe": recipe.to_dict()}, main_rank)
     bar.close()
     train_seconds = time.perf_counter() - start_time
+    if fsdp:  # gather the trained weights into a whole model on rank 0
+        full = full_trainable_state(model)
+        if main_rank:
+            model = parts.rebuild()
+            unexpected = model.load_state_dict(full, strict=False).unexpected_keys
+            missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(full)
+            if unexpected or missing:
+                raise RuntimeError(f"FSDP: gathered weights do not fit the rebuilt model ({sorted(missing)[:3]} {unexpected[:3]})")
     if not main_rank:
-        _finish_distributed()
+        finish_distributed()
         return {"steps": step, "rank": rank, "final_loss": loss_sum}
     tb.close()
     log.close()
@@ -592,7 +600,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
         wb.finish()
 
     # -- the trained model ---------------------------------------------------------------------
-    parts.save(out_dir)
+    parts.save(model, out_dir)
     summary = {"steps": step, "train_seconds": round(train_seconds, 2), "final_loss": loss_sum, "eval_loss": eval_loss,
                "trainable_parameters": n_trainable, "train_utterances": parts.n_utterances, "train_examples": len(durations),
                "audio_seconds_per_second": round(audio_seconds / max(train_seconds, 1e-9), 2), "recipe": recipe.to_dict()}
@@ -600,7 +608,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
     if gate:
         from ..eval.text_ability import regression, text_ability
 
-        text_after = text_ability(*parts.text_model())  # the saved model's LLM (LoRA merged)
+        text_after = text_ability(*parts.text_model(model))  # the saved model's LLM (LoRA merged)
         change = regression(text_before, text_after)
         summary["text_ability"] = {"before": text_before, "after": text_after, **change}
         with (out_dir / LOG).open("a", encoding="utf-8") as f:
@@ -611,25 +619,14 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
         failed = [f"{what} by {change[key]:g} (limit {limit:g})" for limit, key, what in limits if limit is not None and change[key] > limit]
         summary["text_gate_passed"] = not failed
     summary["world_size"] = world
+    summary["parallel"] = t.parallel if world > 1 else None
     atomic.write_json(out_dir / "train_summary.json", summary)
-    if ckpt_path.exists():
-        ckpt_path.unlink()  # the finished model supersedes it
-    _finish_distributed()
+    checkpoint.remove_checkpoints(out_dir)  # the finished model supersedes them
+    finish_distributed()
     if failed:
         raise TextAbilityRegression(f"{out_dir}: the LLM lost text ability in training: {'; '.join(failed)} "
                                     f"(the model is saved; see train_summary.json)")
     return summary
-
-
-class _LossModule(torch.nn.Module):
-    """forward(batch) = the model's training loss: what DDP wraps."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return loss_of(self.model, batch)
 
 
 def _wandb_run(recipe: Recipe, out_dir: Path):
@@ -648,48 +645,6 @@ def _wandb_run(recipe: Recipe, out_dir: Path):
     mode = choice if choice != "auto" else os.environ.get("WANDB_MODE", "online" if os.environ.get("WANDB_API_KEY") else "offline")
     return wandb.init(project=os.environ.get("WANDB_PROJECT", recipe.train.wandb_project), dir=str(out_dir), mode=mode,
                       config=recipe.to_dict(), name=out_dir.name)
-
-
-def _init_distributed() -> tuple[int, int]:
-    """(rank, world size): torchrun's environment, gloo on CPU and nccl on CUDA; (0, 1) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    logger.info("distributed: rank %d of %d (%s)", dist.get_rank(), world, dist.get_backend())
-    return dist.get_rank(), world
-
-
-def _finish_distributed() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def _ddp_micro_step(runner, batcher, idx: list[int], rank: int, world: int, amp) -> float:
-    """One micro-batch under DDP: this rank's share of `idx`, weighted so that the averaged gradient
-    and the logged loss are those of the whole micro-batch's token mean, as on one process."""
-    import torch.distributed as dist
-
-    mine, weight = idx[rank::world], 1.0
-    if not mine:  # fewer clips than ranks: run one with no weight, so every rank steps together
-        mine, weight = idx[:1], 0.0
-    batch = batcher(mine)
-    n_mine = float((batch["labels"][:, 1:] != -100).sum()) * weight
-    counts = torch.tensor([n_mine], dtype=torch.float64)
-    dist.all_reduce(counts)
-    n_all = float(counts[0])
-    with amp:
-        mean = runner(batch)
-    (mean * (n_mine * world / n_all)).backward()  # DDP averages over ranks: sum of token losses / n_all
-    total = torch.tensor([float(mean.detach()) * n_mine], dtype=torch.float64)
-    dist.all_reduce(total)
-    return float(total[0]) / n_all
 
 
 def save_final(model, processor, out_dir: Path) -> None:

@@ -1,0 +1,107 @@
+"""Resumable checkpoints that any world size can load: torch.distributed.checkpoint (DCP) folders.
+
+`OUT/checkpoints/step-00000050/` holds the trained parameters and the optimizer state, keyed by
+parameter name (DCP's `get_state_dict`), each rank writing its own shard, plus `extra.pt` (step,
+data position, scheduler, RNG) from rank 0. Because the keys are names, not ranks, a run sharded
+over two FSDP processes resumes on one process, or under DDP, and the other way round: DCP
+re-shards on load. Frozen parameters are not saved: the recipe rebuilds them.
+
+Written crash-safe: every rank writes into `step-N.tmp/`, rank 0 renames it to `step-N/`, then
+replaces the one-line `checkpoints/latest` (temp + rename) and deletes older steps. A kill at any
+moment leaves `latest` naming a complete folder, or no `latest` at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .. import atomic
+
+logger = logging.getLogger(__name__)
+
+DIR = "checkpoints"
+LATEST = "latest"
+EXTRA = "extra.pt"
+
+
+def _options(strict: bool = True):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict,
+                    main_rank: bool) -> Path:
+    """Every rank calls this at the same step (DCP is collective); returns the checkpoint folder."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = Path(out_dir) / DIR
+    final, tmp = root / f"step-{step:08d}", root / f"step-{step:08d}.tmp"
+    if main_rank:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options())
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
+    if main_rank:
+        torch.save(extra, tmp / EXTRA)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic.write_text(root / LATEST, final.name + "\n")
+        for old in root.iterdir():
+            if old.is_dir() and old != final:
+                shutil.rmtree(old, ignore_errors=True)  # older steps, and temporaries of killed runs
+    _barrier()
+    return final
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The folder `checkpoints/latest` names, or None when there is none yet."""
+    pointer = Path(out_dir) / DIR / LATEST
+    if not pointer.exists():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not (path / EXTRA).exists():
+        raise ValueError(f"{pointer}: names {path.name}, which is not a complete checkpoint")
+    return path
+
+
+def saved_parameter_names(path: Path) -> set[str]:
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {k[len("model."):] for k in keys if k.startswith("model.")}
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Load parameters and optimizer state in place (re-sharded to this run's layout); returns the extra state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options())
+    saved = saved_parameter_names(path)
+    if saved != set(model_state):
+        differ = sorted(saved ^ set(model_state))
+        raise ValueError(f"{path}: its trained parameters differ from this recipe's ({len(differ)} names, e.g. {differ[:3]})")
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_options(strict=False))  # frozen parameters stay as the recipe built them (names checked above)
+    return torch.load(path / EXTRA, map_location="cpu", weights_only=False)
+
+
+def remove_checkpoints(out_dir: Path) -> None:
+    shutil.rmtree(Path(out_dir) / DIR, ignore_errors=True)

@@ -1,0 +1,117 @@
+"""Several processes, one run: torchrun's environment, DDP or FSDP2, and each rank's share of a batch.
+
+`torchrun --nproc_per_node N -m earful train ...` starts N ranks (gloo on CPU, nccl on CUDA; the
+usual `--nnodes/--rdzv-*` flags for several machines). Every rank walks the same global batches
+and takes every N-th clip of each (`micro_step`), so the loss curve is the one-process run's with
+the same global batch. `train.parallel` picks how the model is spread:
+
+- `ddp`: each rank holds the whole model; DDP averages gradients.
+- `fsdp`: FSDP2 (`fully_shard`): every transformer block (the classes a transformers model lists
+  in `_no_split_modules`) is one shard group, the rest of the model another; each rank stores 1/N
+  of every parameter, gradient and optimizer state, and gathers a block only while it runs.
+
+Either way the model's training loss is the forward of a small wrapper (`LossModule`), so the
+hooks DDP and FSDP hang on `forward` see every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MODES = ("ddp", "fsdp")
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size): torchrun's environment, gloo on CPU and nccl on CUDA; (0, 1) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    logger.info("distributed: rank %d of %d (%s)", dist.get_rank(), world, dist.get_backend())
+    return dist.get_rank(), world
+
+
+def finish_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+class LossModule(torch.nn.Module):
+    """forward(batch) = the model's training loss: what DDP or FSDP wraps."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+def block_classes(model: torch.nn.Module) -> set[str]:
+    """Names of the transformer-block classes in `model` (from each part's `_no_split_modules`)."""
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    return names
+
+
+def wrap(model: torch.nn.Module, loss_fn, mode: str, device: torch.device) -> torch.nn.Module:
+    """The runner for `mode` around `model`; FSDP shards `model` in place (build the optimizer after)."""
+    runner = LossModule(model, loss_fn)
+    if mode == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(runner)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import torch.distributed as dist
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    names = block_classes(model)
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError("train.parallel=fsdp: the model lists no transformer blocks (_no_split_modules) to shard")
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(runner, mesh=mesh)  # embeddings, projector, norms, output layer: one more group
+    logger.info("FSDP2: %d blocks (%s) + the rest, sharded over %d ranks", len(blocks), ", ".join(sorted(names)), mesh.size())
+    return runner
+
+
+def micro_step(runner, batcher, idx: list[int], rank: int, world: int, amp) -> float:
+    """One micro-batch over the ranks: this rank's share of `idx`, weighted so that the averaged
+    gradient and the logged loss are those of the whole micro-batch's token mean, as on one process."""
+    import torch.distributed as dist
+
+    mine, weight = idx[rank::world], 1.0
+    if not mine:  # fewer clips than ranks: run one with no weight, so every rank steps together
+        mine, weight = idx[:1], 0.0
+    batch = batcher(mine)
+    n_mine = float((batch["labels"][:, 1:] != -100).sum()) * weight
+    dev = batch["labels"].device  # nccl reduces CUDA tensors, gloo CPU ones
+    counts = torch.tensor([n_mine], dtype=torch.float64, device=dev)
+    dist.all_reduce(counts)
+    n_all = float(counts[0])
+    with amp:
+        mean = runner(batch)
+    (mean * (n_mine * world / n_all)).backward()  # DDP and FSDP average over ranks: sum of token losses / n_all
+    total = torch.tensor([float(mean.detach()) * n_mine], dtype=torch.float64, device=dev)
+    dist.all_reduce(total)
+    return float(total[0]) / n_all
+
+
+def full_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained parameters gathered whole on rank 0's CPU (empty on the other ranks); collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
