@@ -299,6 +299,45 @@ def test_fsdp_on_two_torchrun_processes_resumes_across_world_sizes(tiny_parts, m
         assert not (run / "checkpoints").exists()
 
 
+def test_compile_gives_the_eager_losses(tiny_parts, manifests, tmp_path):
+    """train.compile: every transformer block goes through torch.compile (inductor, dynamic shapes),
+    and the loss curve is the eager run's."""
+    recipe = Path(__file__).parents[1] / "recipes" / "digits.yaml"
+    args = recipe_args(tiny_parts, manifests, max_steps=4, eval_every=0, log_every=1, save_every=0, lr=2e-2)
+    eager = run_cli("train", recipe, "--out", tmp_path / "eager", *args, "model.freeze_decoder=false")
+    compiled = run_cli("-v", "train", recipe, "--out", tmp_path / "compiled", *args, "model.freeze_decoder=false", "train.compile=true")
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-3000:]
+    assert "torch.compile: 4 blocks" in compiled.stderr
+    a = [row["loss"] for row in log_rows(tmp_path / "eager") if "loss" in row]
+    b = [row["loss"] for row in log_rows(tmp_path / "compiled") if "loss" in row]
+    assert len(a) == 4 and b == pytest.approx(a, rel=1e-4, abs=1e-5)
+
+
+def test_adamw8bit_keeps_8_bit_state_and_resumes_exactly(tiny_parts, manifests, tmp_path):
+    """train.optimizer=adamw8bit (bitsandbytes): the moments are stored in 8 bits (seen in the
+    checkpoint), the model learns, and a run killed -9 resumes to the uninterrupted run's losses."""
+    import torch.distributed.checkpoint as dcp
+
+    recipe = Path(__file__).parents[1] / "recipes" / "digits.yaml"
+    args = [*map(str, recipe_args(tiny_parts, manifests, max_steps=40, eval_every=0, log_every=1, save_every=4, lr=1e-2, optimizer="adamw8bit")),
+            "model.freeze_decoder=false"]
+    straight = run_cli("train", recipe, "--out", tmp_path / "straight", *args)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    crashed = tmp_path / "crashed"
+    _kill_after_first_checkpoint([sys.executable, "-m", "earful", "train", str(recipe), "--out", str(crashed), *args], crashed, {**os.environ})
+    latest = crashed / "checkpoints" / (crashed / "checkpoints" / "latest").read_text().strip()
+    meta = dcp.FileSystemReader(str(latest)).read_metadata().state_dict_metadata
+    key = "optim.state.multi_modal_projector.linear_1.weight.__bnb_optimizer_quant_state__.state1"  # AdamW8bit's first moment
+    assert meta[key].properties.dtype == torch.uint8
+    r = run_cli("train", recipe, "--out", crashed, "--resume", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = {row["step"]: row["loss"] for row in log_rows(tmp_path / "straight") if "loss" in row}
+    got = {row["step"]: row["loss"] for row in log_rows(crashed) if "loss" in row}
+    assert sorted(got) == list(range(1, 41)) and sum(list(want.values())[-5:]) < 0.8 * sum(list(want.values())[:5])
+    for step in range(1, 41):
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+
+
 def test_samples_and_wandb_offline(tiny_parts, manifests, tmp_path):
     """At eval steps the eval clips' audio and the model's answers go to TensorBoard and, offline,
     to Weights & Biases, next to every logged metric."""

@@ -88,6 +88,17 @@ def wrap(model: torch.nn.Module, loss_fn, mode: str, device: torch.device) -> to
     return runner
 
 
+def compile_blocks(model: torch.nn.Module) -> int:
+    """torch.compile each transformer block in place (dynamic shapes: batches vary in length); the
+    count. Blocks compile on their first call, so a cached frozen encoder's never do."""
+    names = block_classes(model)
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    for block in blocks:
+        block.compile(dynamic=True)
+    logger.info("torch.compile: %d blocks (%s)", len(blocks), ", ".join(sorted(names)))
+    return len(blocks)
+
+
 def micro_step(runner, batcher, idx: list[int], rank: int, world: int, amp) -> float:
     """One micro-batch over the ranks: this rank's share of `idx`, weighted so that the averaged
     gradient and the logged loss are those of the whole micro-batch's token mean, as on one process."""

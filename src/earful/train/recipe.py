@@ -73,6 +73,8 @@ class TrainRecipe:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     num_threads: int | None = None  # torch CPU threads (null: torch's default)
     parallel: str = "ddp"  # under torchrun: ddp (each rank holds the model) | fsdp (FSDP2 fully_shard: each rank holds 1/N)
+    compile: bool = False  # torch.compile each transformer block (dynamic shapes), as torchtitan does
+    optimizer: str = "adamw"  # adamw (torch) | adamw8bit (bitsandbytes: optimizer state in 8 bits, ~1/4 of AdamW's memory)
     loss_weights: dict = field(default_factory=dict)  # per token type: text, semantic, acoustic, special (train/losses.py)
     distill_weight: float = 0.0  # listening: share of the loss that is KL to the text-only LLM given the transcript (Ultravox)
     objective: str = "sft"  # sft (next-token loss on the response) | dpo (preference pairs: manifest chosen/rejected)
@@ -190,6 +192,10 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
 
     if t.parallel not in MODES:
         problems.append(f"train.parallel: expected {' or '.join(MODES)}, found {t.parallel!r}")
+    if t.optimizer not in ("adamw", "adamw8bit"):
+        problems.append(f"train.optimizer: expected adamw or adamw8bit, found {t.optimizer!r}")
+    if t.optimizer == "adamw8bit" and t.parallel == "fsdp":
+        problems.append("train.optimizer: adamw8bit keeps whole-tensor 8-bit state, which FSDP's shards do not fit; use adamw with fsdp")
     if recipe.train.wandb not in ("auto", "off", "offline", "online"):
         problems.append(f"train.wandb: expected auto, off, offline or online, found {recipe.train.wandb!r}")
     if recipe.train.text_gate not in ("auto", "on", "off"):

@@ -248,6 +248,17 @@ def dpo_loss(model, batch: dict, beta: float) -> tuple[torch.Tensor, torch.Tenso
     return -torch.nn.functional.logsigmoid(beta * margin).mean(), (beta * margin).detach().mean()
 
 
+def make_optimizer(name: str, params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW from torch, or bitsandbytes' AdamW8bit (block-wise 8-bit moments; CPU and CUDA)."""
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise RuntimeError("train.optimizer=adamw8bit needs bitsandbytes: pip install 'earful[lowmem]'") from None
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -471,6 +482,10 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
         logger.info("text ability before training: %s", text_before)
 
     # -- several processes: DDP or FSDP2 around a module whose forward is the loss -------------
+    if t.compile:
+        from .parallel import compile_blocks
+
+        compile_blocks(model)
     runner = None
     if world > 1:
         if fsdp and getattr(model, "prefix_cache", None) is not None:
@@ -478,7 +493,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
             logger.info("train.parallel=fsdp: the prompt-prefix cache is off")
         runner = wrap(model, loss_of, t.parallel, device)
     trainable = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP replaces them by shards
-    optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = make_optimizer(t.optimizer, trainable, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(t.warmup_steps, t.max_steps), t.max_steps)
 
     # -- resume --------------------------------------------------------------------------------
