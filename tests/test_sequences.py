@@ -216,3 +216,57 @@ def test_units_asr_with_loss_weights_counts_only_the_text(units_setup, tmp_path)
     assert summary["recipe"]["train"]["loss_weights"] == {"semantic": 0, "acoustic": 0, "special": 0}
     bad = _train(units_setup, "units_asr.yaml", tmp_path / "bad", "train.max_steps=1", "train.loss_weights={noise: 1}")
     assert bad.returncode == 2 and "unknown token types" in bad.stderr
+
+
+def test_preference_layouts_put_the_loss_on_the_answer_only(tok_vocab):
+    from earful.data.sequences import preference, preference_prompt
+
+    tok, v = tok_vocab
+    prompt = preference_prompt(v, tok, [3, 1], "speech")
+    s = preference(v, tok, prompt, "speech", answer_units=[4, 4])
+    assert s.input_ids == [v.sound_start_id, *v.token_ids([3, 1, 4, 4]), v.sound_end_id]  # one sound span, continued
+    assert s.labels == [IGNORE] * 3 + [*v.token_ids([4, 4]), v.sound_end_id]
+    asr_pair = preference(v, tok, preference_prompt(v, tok, [3], "asr"), "asr", answer_text="seven")
+    assert asr_pair.input_ids[:4] == [v.sound_start_id, v.token_ids([3])[0], v.sound_end_id, v.text_start_id]
+    assert asr_pair.labels[:4] == [IGNORE] * 4 and asr_pair.labels[-1] == v.text_end_id
+    with pytest.raises(SequenceError):
+        preference(v, tok, [], "asr", answer_units=[1])
+    with pytest.raises(SequenceError):
+        preference_prompt(v, tok, [1], "tts")
+
+
+@pytest.mark.parametrize("fmt", ["speech", "interleaved"])
+def test_units_dpo_on_spoken_pairs_raises_the_margin(units_setup, tmp_path, fmt):
+    """train.objective=dpo for a units LM (Slam's preference tuning, and over interleaved prompts,
+    which SlamKit cannot): prompt = an FSDD clip; chosen = the same speaker saying the next digit,
+    rejected = that recording played backwards (and, interleaved, half the rows answer in text:
+    the next digit's word vs a wrong one). The DPO loss over every pair falls below log 2."""
+    import soundfile as sf
+
+    from earful.data.manifest import read_manifest, write_manifest
+
+    rows = read_manifest(units_setup / "train.jsonl")
+    by_key = {(u.speaker, u.text): u for u in rows}
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    for i, u in enumerate(rows):
+        nxt = by_key[(u.speaker, words[(words.index(u.text) + 1) % 10])]
+        if fmt == "interleaved" and i % 2:
+            u.chosen, u.rejected = words[(words.index(u.text) + 1) % 10], "banana"
+            continue
+        audio, sr = sf.read(nxt.audio)
+        backwards = tmp_path / f"rev_{Path(nxt.audio).name}"
+        sf.write(backwards, audio[::-1], sr)
+        u.chosen, u.rejected = nxt.audio, backwards.name  # relative to the manifest, like audio
+    pairs = tmp_path / "pairs.jsonl"
+    write_manifest(rows, pairs)
+    out = tmp_path / "dpo"
+    r = _train(units_setup, "units_continuation.yaml", out, "train.max_steps=20", "train.objective=dpo", "train.dpo_beta=0.5",
+               f"data.format={fmt}", f"data.train={pairs}", f"data.eval={pairs}", "train.text_gate=off")
+    assert r.returncode == 0, r.stderr[-3000:]
+    logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    margins = [row["reward_margin"] for row in logged if "reward_margin" in row]
+    assert len(margins) == 20 and abs(margins[0]) < 1e-3  # step 1: the policy is the reference
+    assert sum(margins[-5:]) / 5 > sum(margins[:5]) / 5
+    [final] = [row["eval_loss"] for row in logged if "eval_loss" in row]
+    assert final < 0.6, final  # log 2 = 0.693 when nothing is preferred
+    assert load_unit_lm(out).audio_tokenizer.vocab_size == 16

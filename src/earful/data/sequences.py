@@ -76,6 +76,48 @@ def tts(vocab: SoundVocab, tokenizer, text: str, units: list[int]) -> TokenSeque
     return TokenSequence(prompt + answer, [IGNORE] * len(prompt) + answer)
 
 
+PREFERENCE_FORMATS = ("speech", "asr", "interleaved")
+
+
+def preference(vocab: SoundVocab, tokenizer, prompt: list[int], fmt: str, answer_units: list[int] | None = None,
+               answer_text: str | None = None) -> TokenSequence:
+    """A DPO sequence: `prompt` (no loss) then one answer, speech (`answer_units`) or text, with the loss on it.
+
+    `prompt` is the prompt audio laid out in `fmt` (`preference_prompt`). Speech continues the
+    prompt's open sound span in `speech` ([S> U | U' <S]); after an interleaved prompt, which ends
+    with a closed span, it opens its own ([S> U' <S]), and text comes as [T> T <T]. In `asr` the
+    answer is a transcript after [S> U <S] [T> (T <T]).
+    """
+    if (answer_units is None) == (answer_text is None):
+        raise ValueError("a preference answer is speech or text, exactly one of them")
+    if answer_units is not None:
+        if fmt == "asr":
+            raise SequenceError("an asr preference pair answers with text, found audio")
+        answer = [*vocab.token_ids(answer_units), vocab.sound_end_id]
+        if fmt != "speech":
+            answer = [vocab.sound_start_id, *answer]
+    else:
+        body = _text_ids(tokenizer, answer_text if fmt == "asr" else " " + answer_text)
+        answer = [*body, vocab.text_end_id] if fmt == "asr" else [vocab.text_start_id, *body, vocab.text_end_id]
+        if fmt == "speech":
+            answer = [vocab.sound_end_id, *answer]
+    return TokenSequence(prompt + answer, [IGNORE] * len(prompt) + answer)
+
+
+def preference_prompt(vocab: SoundVocab, tokenizer, units: list[int], fmt: str, frame_rate: float = 50.0,
+                      words: list[Word] | None = None, rng: random.Random | None = None, max_span_words: int = 3,
+                      dedup: bool = True, tokens_per_frame: int = 1) -> list[int]:
+    """The prompt audio of a preference pair in `fmt`: [S> U (open) | [S> U <S] [T> | interleaved spans."""
+    if fmt == "speech":
+        return [vocab.sound_start_id, *vocab.token_ids(units)]
+    if fmt == "asr":
+        return asr_prompt(vocab, units)
+    if fmt == "interleaved":
+        return interleaved(vocab, tokenizer, units, frame_rate, words or [], rng or random.Random(0), max_span_words,
+                           dedup, tokens_per_frame).input_ids
+    raise SequenceError(f"preference pairs are laid out in {', '.join(PREFERENCE_FORMATS)}, not {fmt!r}")
+
+
 def _cut(t: float, frame_rate: float, n_tokens: int, tokens_per_frame: int) -> int:
     """Token index where time t falls: the first whole frame at or after t (codec frames stay whole)."""
     frame = math.ceil(round(t * frame_rate, 6))

@@ -186,8 +186,11 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
         problems.append("train.distill_weight: the teacher is the LLM itself, so it must stay fixed: freeze_decoder, or LoRA on the llm")
     if recipe.train.objective not in ("sft", "dpo"):
         problems.append(f"train.objective: expected sft or dpo, found {recipe.train.objective!r}")
-    if recipe.train.objective == "dpo" and m.kind != "listening":
-        problems.append("train.objective: dpo is built for the listening family (model.kind: listening)")
+    if recipe.train.objective == "dpo" and m.kind == "units":
+        from ..data.sequences import PREFERENCE_FORMATS
+
+        if recipe.data.format not in PREFERENCE_FORMATS:
+            problems.append(f"train.objective: dpo lays pairs out as {', '.join(PREFERENCE_FORMATS)}, not data.format={recipe.data.format!r}")
     from .parallel import MODES
 
     if t.parallel not in MODES:

@@ -293,8 +293,8 @@ def evaluate_dpo(model, batcher, batch_size: int, beta: float, amp) -> float:
         with amp:
             losses += [float(dpo_loss(model, batcher(idx), beta)[0])] * len(idx)
     model.train()
-    if batcher.batcher.cache is not None:
-        model.audio_tower.eval()
+    if getattr(getattr(batcher, "batcher", None), "cache", None) is not None:
+        model.audio_tower.eval()  # the listening family's frozen encoder stays in eval mode
     return sum(losses) / max(len(losses), 1)
 
 
@@ -415,13 +415,14 @@ def _listening_samples(model, processor: SpeechLMProcessor, dataset: SpeechDatas
 
 def units_parts(recipe: Recipe, device: torch.device) -> Parts:
     """Sound tokens in a causal LM; the audio is tokenised once, before the first step."""
-    from .units import UnitsBatcher, build_units_lm, save_units
+    from .units import UnitsBatcher, UnitsPreferenceBatcher, build_units_lm, save_units
 
     lm = build_units_lm(recipe)
     lm.model.to(device).train()
     _check_trainable(lm.model)
-    train_batches = UnitsBatcher(lm, recipe, recipe.data.train, device, "tokenising train audio (once)")
-    eval_batches = UnitsBatcher(lm, recipe, recipe.data.eval, device, "tokenising eval audio (once)") if recipe.data.eval else None
+    batcher = UnitsPreferenceBatcher if recipe.train.objective == "dpo" else UnitsBatcher
+    train_batches = batcher(lm, recipe, recipe.data.train, device, "tokenising train audio (once)")
+    eval_batches = batcher(lm, recipe, recipe.data.eval, device, "tokenising eval audio (once)") if recipe.data.eval else None
     v = lm.vocab
     specials = {v.sound_start_id, v.sound_end_id, v.text_start_id, v.text_end_id, lm.tokenizer.eos_token_id}
     per_frame = lm.audio_tokenizer.tokens_per_frame if lm.audio_tokenizer is not None else 1

@@ -119,6 +119,80 @@ class UnitsBatcher:
         return {k: v.to(self.device) for k, v in pad_batch([self.sequences[i] for i in idx], self.pad_id).items()}
 
 
+class UnitsPreferenceBatcher:
+    """DPO batches for a units LM: each prompt clip with its chosen and its rejected answer.
+
+    A manifest row's `audio` is the prompt; `chosen` / `rejected` are each an audio file (a spoken
+    answer, relative to the manifest like `audio`) or text. The prompt is laid out in the recipe's
+    `data.format` (speech, asr or interleaved: `earful.data.sequences.preference`). The reference
+    is the model as it starts; its log-probabilities of every pair are computed once.
+    """
+
+    def __init__(self, lm: UnitLM, recipe: Recipe, manifest: str, device: torch.device, desc: str):
+        from ..data.manifest import ManifestError, absolute_audio
+        from ..data.sequences import preference, preference_prompt
+        from .trainer import sequence_logprobs
+
+        d, at = recipe.data, lm.audio_tokenizer
+        self.utterances = read_manifest(manifest)
+        missing = [u.id or u.audio for u in self.utterances if not (u.chosen and u.rejected)]
+        if missing:
+            raise ManifestError(f"train.objective=dpo needs chosen and rejected answers on every manifest row; missing on {missing[:3]}")
+        prompts = tokenize_audio(at, self.utterances, frames=d.format == "interleaved", batch_size=recipe.train.batch_size,
+                                 max_seconds=d.max_seconds, desc=desc + ": prompts")
+
+        def spoken(answer: str) -> str | None:
+            path = Path(absolute_audio(Path(manifest), answer))
+            return str(path) if path.suffix.lower() in AUDIO_SUFFIXES and path.is_file() else None
+
+        files = sorted({f for u in self.utterances for f in (spoken(u.chosen), spoken(u.rejected)) if f})
+        answer_units = dict(zip(files, tokenize_audio(at, [Utterance(audio=f, text="") for f in files], batch_size=recipe.train.batch_size,
+                                                       max_seconds=d.max_seconds, desc=desc + ": spoken answers"))) if files else {}
+        rng = random.Random(recipe.train.seed)
+        dedup = at.kind == "units" and at.dedup
+        self.pairs = []
+        for u, units in zip(self.utterances, prompts):
+            words = words_of(u.words, u.text, u.duration, u.audio) if d.format == "interleaved" else None
+            prompt = preference_prompt(lm.vocab, lm.tokenizer, units, d.format, at.frame_rate, words, rng, d.max_span_words,
+                                       dedup, at.tokens_per_frame)
+            self.pairs.append(tuple(
+                preference(lm.vocab, lm.tokenizer, prompt, d.format, answer_units=answer_units[f]) if (f := spoken(a))
+                else preference(lm.vocab, lm.tokenizer, prompt, d.format, answer_text=a) for a in (u.chosen, u.rejected)))
+        tok = lm.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.device = device
+        self.cache = None
+        model = lm.model
+        was_training = model.training
+        model.eval()
+        self.reference: dict[int, tuple[float, float]] = {}
+        with torch.no_grad():
+            order = sorted(range(len(self.pairs)), key=lambda i: self.lengths()[i])
+            for s in tqdm(range(0, len(order), recipe.train.batch_size), desc=desc + ": reference log-probs (once)", unit="batch", leave=False):
+                idx = order[s : s + recipe.train.batch_size]
+                lc, lr = (sequence_logprobs(model, self._batch(idx, k)) for k in (0, 1))
+                for j, i in enumerate(idx):
+                    self.reference[i] = (float(lc[j]), float(lr[j]))
+        model.train(was_training)
+        logger.info("%s: %d preference pairs (%d spoken answers)", desc, len(self.pairs), len(files))
+
+    def lengths(self) -> list[float]:
+        return [float(len(c) + len(r)) for c, r in self.pairs]
+
+    def durations(self) -> list[float]:
+        return [u.duration or 0.0 for u in self.utterances]
+
+    def _batch(self, idx: list[int], k: int) -> dict[str, torch.Tensor]:
+        return {n: v.to(self.device) for n, v in pad_batch([self.pairs[i][k] for i in idx], self.pad_id).items()}
+
+    def __call__(self, idx: list[int]) -> dict:
+        ref = torch.tensor([self.reference[i] for i in idx], dtype=torch.float32)
+        return {"chosen": self._batch(idx, 0), "rejected": self._batch(idx, 1), "ref_chosen": ref[:, 0], "ref_rejected": ref[:, 1]}
+
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
+
+
 def build_units_lm(recipe: Recipe) -> UnitLM:
     m = recipe.model
     if m.init_from:
