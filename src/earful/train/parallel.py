@@ -126,3 +126,17 @@ def full_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+
+
+def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes this rank holds of parameters, of the trained ones (their gradients take as much at each
+    step), and of optimizer state; an FSDP shard counts its local part."""
+
+    def local(t: torch.Tensor) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    params = list(model.parameters())
+    return {"parameters": sum(local(p) for p in params),
+            "trained_parameters": sum(local(p) for p in params if p.requires_grad),
+            "optimizer_state": sum(local(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))}

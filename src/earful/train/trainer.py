@@ -599,6 +599,14 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
                 "next_batch": next_batch, "world_size": world, "recipe": recipe.to_dict()}, main_rank)
     bar.close()
     train_seconds = time.perf_counter() - start_time
+    if world > 1:
+        import resource
+
+        from .parallel import held_bytes
+
+        held = held_bytes(model, optimizer)
+        logger.info("rank %d holds %s; peak RSS %.0f MB", rank, ", ".join(f"{k} {v / 2**20:.1f} MB" for k, v in held.items()),
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if fsdp:  # gather the trained weights into a whole model on rank 0
         full = full_trainable_state(model)
         if main_rank:
