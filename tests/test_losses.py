@@ -42,3 +42,27 @@ def test_weighted_loss_matches_a_hand_computation(smol_dir):
     assert plain.item() == pytest.approx(per_token.mean().item(), rel=1e-5)
     assert weighted.item() == pytest.approx(((per_token * w).sum() / w.sum()).item(), rel=1e-5)
     assert weighted_cross_entropy(logits, ids[0, 1:], None).item() == pytest.approx(plain.item(), rel=1e-5)
+
+
+def test_sequence_logprobs_equal_the_full_softmax_sum():
+    """DPO's per-row answer log-probability, computed only at labelled positions, equals summing
+    log-softmax over the whole vocabulary at every position (padding and prompt excluded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from earful.train.trainer import sequence_logprobs
+
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 100, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 0
+    labels = ids.clone()
+    labels[:, :6] = -100
+    labels[2, 9:] = -100
+    with torch.no_grad():
+        got = sequence_logprobs(m, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+        logits = m(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    t = labels[:, 1:]
+    want = (torch.log_softmax(logits, -1).gather(-1, t.clamp(min=0)[..., None])[..., 0] * (t != -100)).sum(-1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

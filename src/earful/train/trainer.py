@@ -207,14 +207,28 @@ class PreferenceBatcher:
 
 
 def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B,) summed log-probability of each row's labelled tokens (its answer)."""
-    labels = batch["labels"]
-    out = model(**{k: v for k, v in batch.items() if k != "labels"})
-    logits = out.logits[:, :-1].float()
-    targets = labels[:, 1:]
+    """(B,) summed log-probability of each row's labelled tokens (its answer).
+
+    The output layer runs only where a label is, as in the training loss: an answer is a few
+    tokens of a long row, and the vocabulary is large.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    targets = batch["labels"][:, 1:]
     keep = targets != -100
-    lp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    return (lp * keep).sum(-1)
+    config = getattr(model.config, "text_config", model.config)
+    if getattr(config, "final_logit_softcapping", None):  # the head does more than a linear layer
+        logits = model(**inputs).logits[:, :-1][keep]
+    else:
+        decoder = (model.language_model if hasattr(model, "language_model") else model).get_decoder()
+        if hasattr(model, "embed_inputs"):  # the listening LM: audio goes into the embeddings first
+            ids_and_audio = {k: v for k, v in inputs.items() if k != "attention_mask"}
+            hidden = decoder(inputs_embeds=model.embed_inputs(**ids_and_audio), attention_mask=inputs.get("attention_mask")).last_hidden_state
+        else:
+            hidden = decoder(**inputs).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    lp = torch.log_softmax(logits.float(), -1).gather(-1, targets[keep][:, None])[:, 0]
+    rows = keep.nonzero()[:, 0]
+    return torch.zeros(targets.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
 
 
 def distill_loss(model, batch: dict, teacher: dict, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
