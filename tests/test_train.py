@@ -195,7 +195,9 @@ def test_lora_with_layer_dropping_and_the_text_gate(tiny_parts, manifests, tmp_p
 
 def test_ddp_on_two_torchrun_processes_matches_one(tiny_parts, manifests, tmp_path):
     """torchrun --nproc_per_node 2 (gloo, CPU): each rank takes half of every batch, DDP averages the
-    gradients, and the loss curve is the one process's with the same global batch."""
+    gradients, and the loss curve is the one process's with the same global batch. Then the same
+    over two "nodes": two torchrun agents, one process each, meeting through the multi-node
+    rendezvous flags (--nnodes 2 --node-rank i --master-addr/--master-port)."""
     recipe = Path(__file__).parents[1] / "recipes" / "digits.yaml"
     args = recipe_args(tiny_parts, manifests, max_steps=5, eval_every=0, log_every=1, save_every=0, lr=2e-2)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -215,6 +217,20 @@ def test_ddp_on_two_torchrun_processes_matches_one(tiny_parts, manifests, tmp_pa
     wa, wb = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
     for k in ("multi_modal_projector.linear_1.weight", "language_model.model.layers.1.mlp.up_proj.weight"):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    nodes = [subprocess.Popen([torchrun, "--nnodes", "2", "--node-rank", str(i), "--nproc_per_node", "1", "--master-addr", "127.0.0.1",
+                               "--master-port", str(port), "-m", "earful", "train", str(recipe), "--out", str(tmp_path / "nodes"),
+                               *map(str, args), "model.freeze_decoder=false"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+             for i in (0, 1)]
+    errs = [node.communicate(timeout=600)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    c = [row["loss"] for row in log_rows(tmp_path / "nodes") if "loss" in row]
+    assert c == pytest.approx(a, rel=1e-4, abs=1e-5)
 
 
 def _descendants(pid: int) -> list[int]:
