@@ -401,6 +401,18 @@ def test_dpo_raises_the_chosen_over_rejected_margin(tiny_parts, manifests, tmp_p
     saved = load_file(str(out / "model.safetensors"))
     enc_ref = load_file(str(tiny_parts[0] / "model.safetensors"))
     torch.testing.assert_close(saved["audio_tower.layers.0.fc1.weight"], enc_ref["model.encoder.layers.0.fc1.weight"], rtol=0, atol=0)
+    # On two torchrun ranks, DDP or FSDP2, each rank takes half of every batch's pairs: same losses and margins.
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    want = [(row["loss"], row["reward_margin"]) for row in logged if "loss" in row]
+    for mode in ("ddp", "fsdp"):
+        two = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "earful", "train", str(recipe), "--out", str(tmp_path / mode),
+                              *map(str, args), f"data.train={pairs}", f"data.eval={pairs}", "model.freeze_decoder=false", "train.text_gate=off",
+                              f"train.parallel={mode}"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+        assert two.returncode == 0, two.stderr[-3000:]
+        got = [(row["loss"], row["reward_margin"]) for row in log_rows(tmp_path / mode) if "loss" in row]
+        assert len(got) == 20
+        for (la, ma), (lb, mb) in zip(want, got):
+            assert lb == pytest.approx(la, rel=1e-3, abs=1e-4) and mb == pytest.approx(ma, rel=1e-3, abs=1e-3), mode
     # Rows without a pair are refused with the reason.
     r = run_cli("train", recipe, "--out", tmp_path / "bad", *args)
     assert r.returncode == 2 and "needs chosen and rejected" in r.stderr and "Traceback" not in r.stderr

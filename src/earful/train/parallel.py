@@ -99,26 +99,40 @@ def compile_blocks(model: torch.nn.Module) -> int:
     return len(blocks)
 
 
-def micro_step(runner, batcher, idx: list[int], rank: int, world: int, amp) -> float:
+def micro_step(runner, batcher, idx: list[int], rank: int, world: int, amp) -> tuple[float, float | None]:
     """One micro-batch over the ranks: this rank's share of `idx`, weighted so that the averaged
-    gradient and the logged loss are those of the whole micro-batch's token mean, as on one process."""
+    gradient and the logged loss are those of the whole micro-batch's mean, as on one process
+    (a mean over labelled tokens, or over pairs for DPO). Returns (loss, the loss's companion
+    figure, e.g. DPO's reward margin, or None)."""
     import torch.distributed as dist
 
     mine, weight = idx[rank::world], 1.0
     if not mine:  # fewer clips than ranks: run one with no weight, so every rank steps together
         mine, weight = idx[:1], 0.0
     batch = batcher(mine)
-    n_mine = float((batch["labels"][:, 1:] != -100).sum()) * weight
-    dev = batch["labels"].device  # nccl reduces CUDA tensors, gloo CPU ones
+    n_mine = _weight_of(batch) * weight
+    dev = _device_of(batch)  # nccl reduces CUDA tensors, gloo CPU ones
     counts = torch.tensor([n_mine], dtype=torch.float64, device=dev)
     dist.all_reduce(counts)
     n_all = float(counts[0])
     with amp:
-        mean = runner(batch)
-    (mean * (n_mine * world / n_all)).backward()  # DDP and FSDP average over ranks: sum of token losses / n_all
-    total = torch.tensor([float(mean.detach()) * n_mine], dtype=torch.float64, device=dev)
+        out = runner(batch)
+    mean, aux = out if isinstance(out, tuple) else (out, None)
+    (mean * (n_mine * world / n_all)).backward()  # DDP and FSDP average over ranks: the sum over all / n_all
+    total = torch.tensor([float(mean.detach()) * n_mine, float(aux if aux is not None else 0.0) * n_mine], dtype=torch.float64, device=dev)
     dist.all_reduce(total)
-    return float(total[0]) / n_all
+    return float(total[0]) / n_all, (float(total[1]) / n_all if aux is not None else None)
+
+
+def _weight_of(batch: dict) -> float:
+    """What a batch's loss is a mean over: its pairs (DPO) or its labelled tokens."""
+    if "chosen" in batch:
+        return float(len(batch["ref_chosen"]))
+    return float((batch["labels"][:, 1:] != -100).sum())
+
+
+def _device_of(batch: dict) -> torch.device:
+    return batch["chosen"]["labels"].device if "chosen" in batch else batch["labels"].device
 
 
 def full_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

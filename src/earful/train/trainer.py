@@ -299,13 +299,14 @@ def loss_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_dpo(model, batcher, batch_size: int, beta: float, amp) -> float:
-    """Mean DPO loss over the eval pairs."""
+def evaluate_dpo(model, batcher, batch_size: int, beta: float, amp, runner=None) -> float:
+    """Mean DPO loss over the eval pairs; through `runner` (FSDP) when given."""
     model.eval()
     losses = []
     for idx in length_grouped_batches(batcher.lengths(), batch_size, seed=0, shuffle=False):
         with amp:
-            losses += [float(dpo_loss(model, batcher(idx), beta)[0])] * len(idx)
+            loss = (runner if runner is not None else lambda b: dpo_loss(model, b, beta))(batcher(idx))[0]
+        losses += [float(loss)] * len(idx)
     model.train()
     if getattr(getattr(batcher, "batcher", None), "cache", None) is not None:
         model.audio_tower.eval()  # the listening family's frozen encoder stays in eval mode
@@ -478,8 +479,8 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
         model.token_weights = parts.token_weights(t.loss_weights)
         logger.info("loss weights per token type: %s", model.token_weights.w)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if world > 1 and (t.objective != "sft" or t.distill_weight):
-        raise ValueError("train.objective=dpo and train.distill_weight run on one process here (DDP and FSDP cover plain sft)")
+    if world > 1 and t.distill_weight:
+        raise ValueError("train.distill_weight runs on one process here (DDP and FSDP cover sft and dpo)")
 
     # -- the text-ability gate: the LLM's text-only scores before training ---------------------
     gate = main_rank and _text_gate_on(recipe, model, parts)
@@ -506,7 +507,8 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
         if fsdp and getattr(model, "prefix_cache", None) is not None:
             model.prefix_cache = None  # each rank would build it at its own moment: FSDP needs every rank in step
             logger.info("train.parallel=fsdp: the prompt-prefix cache is off")
-        runner = wrap(model, loss_of, t.parallel, device)
+        loss_fn = (lambda m, batch: dpo_loss(m, batch, t.dpo_beta)) if t.objective == "dpo" else loss_of
+        runner = wrap(model, loss_fn, t.parallel, device)
     trainable = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP replaces them by shards
     optimizer = make_optimizer(t.optimizer, trainable, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(t.warmup_steps, t.max_steps), t.max_steps)
@@ -580,7 +582,8 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
                 loss.backward()
                 loss_sum += loss.item()
             else:
-                loss_sum += micro_step(runner, train_batches, idx, rank, world, amp) / t.grad_accum
+                loss, reward_margin = micro_step(runner, train_batches, idx, rank, world, amp)
+                loss_sum += loss / t.grad_accum
             audio_seconds += sum(durations[i] for i in idx)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm))
         optimizer.step()
@@ -598,7 +601,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
                     **({"distill_kl": float(distill_kl)} if t.distill_weight else {})})
         if eval_batches and (main_rank or fsdp) and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps):
             if t.objective != "sft":
-                eval_loss = evaluate_dpo(model, eval_batches, t.batch_size, t.dpo_beta, amp)
+                eval_loss = evaluate_dpo(model, eval_batches, t.batch_size, t.dpo_beta, amp, runner if fsdp else None)
             else:  # under FSDP every rank runs it: each block is gathered from all of them
                 eval_loss = evaluate_loss(model, eval_batches, t.batch_size, amp, runner if fsdp else None)
             if fsdp:
