@@ -36,7 +36,7 @@ def run(mode: str, train: Path, work: Path, steps: int, batch_size: int) -> dict
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "earful", "train", str(ROOT / "recipes" / "digits.yaml"),
            "--out", str(out), "--set", f"data.train={train}", "data.eval=null", f"train.max_steps={steps}",
            f"train.batch_size={batch_size}", "train.warmup_steps=0", "train.save_every=0", "train.log_every=1",
-           "train.text_gate=off", "model.freeze_decoder=false", f"train.parallel={mode}"]
+           "train.text_gate=off", "model.freeze_decoder=false", f"train.parallel={mode}", "model.lora=null", "model.audio_norm=null"]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if r.returncode != 0:
         raise SystemExit(f"{mode} run failed:\n{r.stderr[-3000:]}")

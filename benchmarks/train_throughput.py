@@ -1,8 +1,8 @@
 """Training throughput: earful's trainer vs transformers' `Trainer`, same model, data and batch size, one run.
 
-The model is recipes/digits.yaml's (bundled Whisper tiny.en encoder and SmolLM2-135M-Instruct, both
-frozen, a trained projector); the data FSDD clips of two speakers. Both sides train --steps steps
-of --batch-size clips with AdamW at the same learning rate, in fp32 on CPU:
+The model is recipes/digits.yaml's with the encoder frozen whole (bundled Whisper tiny.en encoder
+and SmolLM2-135M-Instruct, both frozen, a trained projector; the recipe's encoder LoRA is off); the
+data FSDD clips of two speakers. Both sides train --steps steps of --batch-size clips with AdamW at the same learning rate, in fp32 on CPU:
 
 - earful: `earful.train.trainer.train` (frozen encoder outputs computed once and cached, batches
   grouped by length, the output layer computed only where a label is);
@@ -35,6 +35,9 @@ import torch
 from earful.atomic import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
+# The measured configuration: digits.yaml with its encoder frozen whole (no LoRA adapters, no
+# per-clip normalisation), so both sides train the same projector on the same frozen parts.
+FROZEN_ENCODER = ["model.lora=null", "model.audio_norm=null"]
 
 
 def manifest(folder: Path, n: int) -> Path:
@@ -53,7 +56,8 @@ def run_earful(train_manifest: Path, work: Path, steps: int, batch_size: int, lr
 
     recipe = load_recipe(ROOT / "recipes" / "digits.yaml", [f"data.train={train_manifest}", "data.eval=null", f"train.max_steps={steps}",
                                                             f"train.batch_size={batch_size}", f"train.lr={lr}", "train.warmup_steps=0",
-                                                            "train.save_every=0", "train.eval_every=0", "train.log_every=1", "train.text_gate=off"])
+                                                            "train.save_every=0", "train.eval_every=0", "train.log_every=1", "train.text_gate=off",
+                                                            *FROZEN_ENCODER])
     start = time.perf_counter()
     summary = train(recipe, work / "earful")
     wall = time.perf_counter() - start
@@ -74,7 +78,7 @@ def run_hf_trainer(train_manifest: Path, work: Path, steps: int, batch_size: int
     from earful.models.processing import PromptFormat
     from earful.train.recipe import load_recipe
 
-    m = load_recipe(ROOT / "recipes" / "digits.yaml", [f"data.train={train_manifest}"]).model
+    m = load_recipe(ROOT / "recipes" / "digits.yaml", [f"data.train={train_manifest}", *FROZEN_ENCODER]).model
     model, processor = build_speech_lm(m.encoder, m.llm, stack_factor=m.stack_factor, projector_hidden_size=m.projector_hidden_size,
                                        prompt_format=PromptFormat(system_prompt=m.system_prompt))
     model.freeze(encoder=True, decoder=True)

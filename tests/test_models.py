@@ -195,3 +195,39 @@ def test_waveform_encoders_through_automodel(fsdd, smol_dir, config_cls):
     lengths = encoder_output_lengths(enc, batch["input_features_mask"].sum(-1))
     assert mask.sum(-1).tolist() == lengths.tolist()
     assert hidden.shape[-1] == 32
+
+
+def test_utterance_norm_takes_out_what_a_clip_adds_to_every_frame(fsdd, tiny_lm, tmp_path):
+    """audio_norm="utterance": each clip's encoder frames get zero mean and unit variance per
+    channel over its own frames (padding stays 0), so a constant offset or scale on a clip's frames
+    (what a voice or a microphone adds) changes nothing; a clip is the same alone or in a batch,
+    and the setting survives save/load."""
+    from earful.models.listening import utterance_norm
+
+    model, processor = tiny_lm
+    hidden, mask = model.encode_audio(**processor.featurize([fsdd_clip(c) for c in CLIPS]))
+    hidden = hidden.detach()
+    normed = utterance_norm(hidden, mask)
+    shifted = utterance_norm(hidden * 3.0 + torch.randn(1, 1, hidden.shape[-1]), mask)
+    torch.testing.assert_close(shifted, normed, rtol=1e-3, atol=1e-3)
+    n = int(mask[1].sum())
+    torch.testing.assert_close(normed[1, :n], utterance_norm(hidden[1:2, :n], mask[1:2, :n])[0], rtol=1e-5, atol=1e-5)
+    assert not normed[~mask].any()
+    real = normed[0, : int(mask[0].sum())]
+    torch.testing.assert_close(real.mean(0), torch.zeros(real.shape[1]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(real.std(0, unbiased=False), torch.ones(real.shape[1]), rtol=1e-3, atol=1e-3)
+
+    model.config.audio_norm = "utterance"
+    try:
+        batch = processor([fsdd_clip(c) for c in CLIPS], responses=["seven", "three", "zero"])
+        with torch.no_grad():
+            before = model(**batch).logits
+        save_speech_lm(model, processor, tmp_path / "m")
+    finally:
+        model.config.audio_norm = None
+    reloaded, _ = load_speech_lm(tmp_path / "m")
+    assert reloaded.config.audio_norm == "utterance"
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, before, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="audio_norm"):
+        SpeechLMConfig(audio_norm="speaker")

@@ -53,7 +53,8 @@ def manifests(fsdd, tmp_path_factory):
 
 def recipe_args(tiny_parts, manifests, **train):
     enc, llm = tiny_parts
-    sets = [f"model.encoder={enc}", f"model.llm={llm}", "model.stack_factor=2", "model.projector_hidden_size=64",
+    # The trainer's mechanics on digits.yaml's layout, with the encoder frozen whole (outputs cached): no encoder LoRA.
+    sets = [f"model.encoder={enc}", f"model.llm={llm}", "model.stack_factor=2", "model.projector_hidden_size=64", "model.lora=null",
             f"data.train={manifests[0]}", f"data.eval={manifests[1]}", "train.batch_size=8", "train.warmup_steps=2"]
     sets += [f"train.{k}={v}" for k, v in train.items()]
     return ["--set", *sets]

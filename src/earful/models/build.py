@@ -33,6 +33,7 @@ def assemble(
     stack_factor: int = 4,
     projector_hidden_size: int = 1024,
     projector_dropout: float = 0.0,
+    audio_norm: str | None = None,
     prompt_format: PromptFormat | None = None,
     encoder_spec: str | None = None,
     text_spec: str | None = None,
@@ -45,6 +46,7 @@ def assemble(
         stack_factor=stack_factor,
         projector_hidden_size=projector_hidden_size,
         projector_dropout=projector_dropout,
+        audio_norm=audio_norm,
         audio_token_id=audio_token_id,
         encoder_spec=encoder_spec,
         text_spec=text_spec,
@@ -73,6 +75,7 @@ def build_speech_lm(
     stack_factor: int = 4,
     projector_hidden_size: int = 1024,
     projector_dropout: float = 0.0,
+    audio_norm: str | None = None,
     prompt_format: PromptFormat | None = None,
 ) -> tuple[SpeechLMForConditionalGeneration, SpeechLMProcessor]:
     """A listening LM from two model specs (hub id, local folder or `bundled:NAME`).
@@ -90,6 +93,7 @@ def build_speech_lm(
         stack_factor=stack_factor,
         projector_hidden_size=projector_hidden_size,
         projector_dropout=projector_dropout,
+        audio_norm=audio_norm,
         prompt_format=prompt_format,
         encoder_spec=encoder,
         text_spec=llm,

@@ -13,6 +13,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 AUDIO_TOKEN = "<|audio|>"
+AUDIO_NORMS = (None, "utterance")
 
 
 @strict
@@ -27,6 +28,10 @@ class SpeechLMConfig(PretrainedConfig):
         projector_hidden_size: width of the projector's hidden layer.
         projector_dropout: dropout on the projector's input while training (regularises the only
             trained part when the encoder and LLM are frozen).
+        audio_norm: "utterance" normalises each clip's encoder frames to zero mean and unit
+            variance per channel over its own frames, before stacking (cepstral mean and variance
+            normalisation, at the encoder's output: what a speaker or a microphone adds to every
+            frame is taken out); None leaves them as they are.
         audio_token: the placeholder string that marks where audio goes in a prompt.
         audio_token_id: its id in the LLM's tokenizer (set when the token is added).
         encoder_spec, text_spec: the model specs the parts came from (provenance only).
@@ -43,6 +48,7 @@ class SpeechLMConfig(PretrainedConfig):
     stack_factor: int = 4
     projector_hidden_size: int = 1024
     projector_dropout: float = 0.0
+    audio_norm: str | None = None
     audio_token: str = AUDIO_TOKEN
     audio_token_id: int | None = None
     encoder_spec: str | None = None
@@ -53,3 +59,5 @@ class SpeechLMConfig(PretrainedConfig):
         super().__post_init__(**kwargs)
         if self.stack_factor < 1:
             raise ValueError(f"stack_factor must be >= 1, found {self.stack_factor}")
+        if self.audio_norm not in AUDIO_NORMS:
+            raise ValueError(f"audio_norm must be one of {AUDIO_NORMS}, found {self.audio_norm!r}")

@@ -93,6 +93,15 @@ class SpeechLMPreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
 
 
+def utterance_norm(hidden: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Each clip's frames (B, T', C) to zero mean and unit variance per channel over its real frames
+    (mask (B, T')); padding stays 0, so a clip comes out the same alone or in a batch."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    n = m.sum(1, keepdim=True).clamp(min=1)
+    centred = (hidden - (hidden * m).sum(1, keepdim=True) / n) * m
+    return centred / ((centred**2).sum(1, keepdim=True) / n + eps).sqrt()
+
+
 class PrefixCache:
     """Keys and values of the prompt prefix every training row shares, computed once by a frozen LLM.
 
@@ -172,6 +181,8 @@ class SpeechLMForConditionalGeneration(SpeechLMPreTrainedModel, GenerationMixin)
 
     def project_audio(self, hidden: torch.Tensor, hidden_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stack and project encoder frames: (B, T', C) -> embeds (B, S, D), mask (B, S)."""
+        if self.config.audio_norm == "utterance":
+            hidden = utterance_norm(hidden, hidden_mask)
         stacked, mask = self.audio_stacker(hidden, hidden_mask)  # (B, S, C*k)
         return self.multi_modal_projector(stacked), mask  # (B, S, D)
 

@@ -30,6 +30,7 @@ class ModelRecipe:
     stack_factor: int = 4  # encoder frames per LLM position: 50 Hz / 4 = 12.5 Hz for Whisper
     projector_hidden_size: int = 1024  # the projector MLP's hidden width
     projector_dropout: float = 0.0  # dropout on the projector's input while training
+    audio_norm: str | None = None  # utterance: each clip's encoder frames to zero mean, unit variance per channel (CMVN)
     system_prompt: str | None = None  # null: the chat template's own default system message
     chat_template: bool = True  # false for base LMs without a chat template
     freeze_encoder: bool = True  # frozen encoder outputs are computed once and cached
@@ -165,6 +166,8 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
     if recipe.data.prompt.count("<|audio|>") != 1:
         problems.append(f"data.prompt: must hold exactly one <|audio|>, found {recipe.data.prompt!r}")
     m = recipe.model
+    if m.audio_norm not in (None, "utterance"):
+        problems.append(f"model.audio_norm: expected utterance (or null), found {m.audio_norm!r}")
     if m.lora not in (None, "llm", "encoder", "both"):
         problems.append(f"model.lora: expected llm, encoder or both (or null), found {m.lora!r}")
     if m.lora and m.kind != "listening":

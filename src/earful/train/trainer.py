@@ -68,6 +68,7 @@ def build_model(recipe: Recipe) -> tuple[SpeechLMForConditionalGeneration, Speec
             stack_factor=m.stack_factor,
             projector_hidden_size=m.projector_hidden_size,
             projector_dropout=m.projector_dropout,
+            audio_norm=m.audio_norm,
             prompt_format=PromptFormat(system_prompt=m.system_prompt, use_chat_template=m.chat_template),
         )
     processor.prompt_format.default_prompt = recipe.data.prompt  # saved with the model, reused by transcribe/eval
