@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: set up, then train a listening LM on spoken digits
-# (frozen Whisper tiny.en + frozen SmolLM2-135M-Instruct + a trained projector), evaluate it on a
+# (Whisper tiny.en with LoRA adapters + frozen SmolLM2-135M-Instruct + a trained projector), evaluate it on a
 # held-out speaker, and transcribe a few clips. Minutes on 2 CPU cores; no hub, nothing to bring.
 # Real speech comes from ../shared/data/fsdd (or $EARFUL_FSDD); without it, digits are
 # synthesised with the bundled Piper voice.

@@ -33,7 +33,7 @@ def test_digits_recipe_end_to_end(digits_model, tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["n"] == 20 and 0 <= report["wer"] and "WER" in r.stdout
     # After DIGITS_STEPS steps the model answers with digit words, not free text, and mostly the right ones
-    # (chance is 0.1; the full recipe reaches ~0.96 on this speaker, see benchmarks/).
+    # (chance is 0.1; the full recipe reaches 0.99 on this speaker, see benchmarks/).
     digits = {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "oh"}
     answered = [u["hypothesis"].lower().strip(" .!") for u in report["utterances"]]
     assert sum(a in digits for a in answered) >= 15, answered
