@@ -220,20 +220,20 @@ class SpeechLMForConditionalGeneration(SpeechLMPreTrainedModel, GenerationMixin)
             inputs_embeds = self._merge_audio(input_ids, inputs_embeds, embeds[mask])
         return inputs_embeds
 
-    def training_loss(self, labels: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                      prefix_cache: PrefixCache | None = None, token_weights=None, **audio_and_ids) -> torch.Tensor:
-        """Mean next-token loss, computing the output layer only where a label is.
+    def labelled_logits(self, labels: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                        prefix_cache: PrefixCache | None = None, **audio_and_ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits where a label is: (n_labelled, V), their targets (n_labelled,) and rows (n_labelled,).
 
-        Same value as `forward(...).loss`, cheaper: with a 49k-token vocabulary the output layer is
-        ~20% of a small LLM's compute, and most positions (prompt, audio) carry no label.
-        With a `prefix_cache` (frozen LLM only), the prompt tokens every row shares before the
-        audio are not run again: their keys and values, computed once, stand in for them.
-        LLMs whose causal-LM head does more than a linear layer (e.g. Gemma's logit soft-capping)
-        take the ordinary path.
+        The output layer runs only there: with a 49k-token vocabulary it is ~20% of a small LLM's
+        compute, and most positions (prompt, audio) carry no label. With a `prefix_cache` (frozen
+        LLM only), the prompt tokens every row shares before the audio are not run again: their
+        keys and values, computed once, stand in for them. LLMs whose causal-LM head does more than
+        a linear layer (e.g. Gemma's logit soft-capping) take the ordinary forward.
         """
-        text_config = self.config.text_config
-        if getattr(text_config, "final_logit_softcapping", None):
-            return self(labels=labels, attention_mask=attention_mask, **audio_and_ids).loss
+        if getattr(self.config.text_config, "final_logit_softcapping", None):
+            keep = labels[:, 1:] != -100
+            logits = self(attention_mask=attention_mask, **audio_and_ids).logits[:, :-1][keep]
+            return logits, labels[:, 1:][keep], keep.nonzero()[:, 0]
         extra = {}
         if prefix_cache is not None:
             P, cache = prefix_cache.split(audio_and_ids["input_ids"], attention_mask)
@@ -249,10 +249,18 @@ class SpeechLMForConditionalGeneration(SpeechLMPreTrainedModel, GenerationMixin)
             hidden = torch.cat([hidden.new_zeros(hidden.shape[0], 1, hidden.shape[2]), hidden], 1)  # stands for position P-1
         targets = labels[:, 1:]  # (B, L-1)
         keep = targets != -100
-        logits = self.get_output_embeddings()(hidden[:, :-1][keep])  # (n_labelled, V)
+        return self.get_output_embeddings()(hidden[:, :-1][keep]), targets[keep], keep.nonzero()[:, 0]
+
+    def training_loss(self, labels: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                      prefix_cache: PrefixCache | None = None, token_weights=None, **audio_and_ids) -> torch.Tensor:
+        """Mean next-token loss over the labelled positions (`labelled_logits`): the value of
+        `forward(...).loss`, cheaper. Soft-capping LLMs take `forward(...).loss` itself."""
+        if getattr(self.config.text_config, "final_logit_softcapping", None):
+            return self(labels=labels, attention_mask=attention_mask, **audio_and_ids).loss
         from ..train.losses import weighted_cross_entropy
 
-        return weighted_cross_entropy(logits, targets[keep], token_weights)
+        logits, targets, _ = self.labelled_logits(labels, attention_mask, prefix_cache, **audio_and_ids)
+        return weighted_cross_entropy(logits, targets, token_weights)
 
     def forward(
         self,

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import atomic
+from .parallel import barrier
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +36,6 @@ def _options(strict: bool = True):
     return StateDictOptions(ignore_frozen_params=True, strict=strict)
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def save_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict,
                     main_rank: bool) -> Path:
     """Every rank calls this at the same step (DCP is collective); returns the checkpoint folder."""
@@ -53,7 +47,7 @@ def save_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, optimizer:
     if main_rank:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     model_state, optim_state = get_state_dict(model, optimizer, options=_options())
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
     if main_rank:
@@ -64,7 +58,7 @@ def save_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, optimizer:
         for old in root.iterdir():
             if old.is_dir() and old != final:
                 shutil.rmtree(old, ignore_errors=True)  # older steps, and temporaries of killed runs
-    _barrier()
+    barrier()
     return final
 
 

@@ -39,11 +39,19 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), world
 
 
-def finish_distributed() -> None:
+def barrier() -> None:
+    """Wait for every rank; nothing to wait for in a single process."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def finish_distributed() -> None:
+    import torch.distributed as dist
+
+    barrier()
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -58,12 +66,13 @@ class LossModule(torch.nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-def block_classes(model: torch.nn.Module) -> set[str]:
-    """Names of the transformer-block classes in `model` (from each part's `_no_split_modules`)."""
+def transformer_blocks(model: torch.nn.Module) -> tuple[list[torch.nn.Module], set[str]]:
+    """The transformer blocks in `model` (the classes each transformers part lists in
+    `_no_split_modules`), and those class names."""
     names: set[str] = set()
     for m in model.modules():
         names.update(getattr(m, "_no_split_modules", None) or [])
-    return names
+    return [m for m in model.modules() if type(m).__name__ in names], names
 
 
 def wrap(model: torch.nn.Module, loss_fn, mode: str, device: torch.device) -> torch.nn.Module:
@@ -77,8 +86,7 @@ def wrap(model: torch.nn.Module, loss_fn, mode: str, device: torch.device) -> to
     import torch.distributed as dist
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    names = block_classes(model)
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    blocks, names = transformer_blocks(model)
     if not blocks:
         raise ValueError("train.parallel=fsdp: the model lists no transformer blocks (_no_split_modules) to shard")
     for block in blocks:
@@ -91,8 +99,7 @@ def wrap(model: torch.nn.Module, loss_fn, mode: str, device: torch.device) -> to
 def compile_blocks(model: torch.nn.Module) -> int:
     """torch.compile each transformer block in place (dynamic shapes: batches vary in length); the
     count. Blocks compile on their first call, so a cached frozen encoder's never do."""
-    names = block_classes(model)
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    blocks, names = transformer_blocks(model)
     for block in blocks:
         block.compile(dynamic=True)
     logger.info("torch.compile: %d blocks (%s)", len(blocks), ", ".join(sorted(names)))

@@ -176,21 +176,8 @@ class PreferenceBatcher:
 
     def __init__(self, batcher: Batcher, model, batch_size: int, desc: str):
         self.batcher, self.dataset = batcher, batcher.dataset
-        missing = [u.id or u.audio for u in self.dataset.utterances if not (u.chosen and u.rejected)]
-        if missing:
-            from ..data.manifest import ManifestError
-
-            raise ManifestError(f"train.objective=dpo needs chosen and rejected answers on every manifest row; missing on {missing[:3]}")
-        self.reference: dict[int, tuple[float, float]] = {}
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            for idx in tqdm(length_grouped_batches(self.lengths(), batch_size, seed=0, shuffle=False), desc=desc, unit="batch", leave=False):
-                c, r = self._pair(idx)
-                lc, lr = sequence_logprobs(model, c), sequence_logprobs(model, r)
-                for j, i in enumerate(idx):
-                    self.reference[i] = (float(lc[j]), float(lr[j]))
-        model.train(was_training)
+        check_pairs(self.dataset.utterances)
+        self.reference = reference_logprobs(model, self._pair, self.lengths(), batch_size, desc)
         if batcher.cache is not None:
             model.audio_tower.eval()
 
@@ -202,34 +189,50 @@ class PreferenceBatcher:
         return self.batcher(idx, [u.chosen for u in utts]), self.batcher(idx, [u.rejected for u in utts])
 
     def __call__(self, idx: list[int]) -> dict:
-        chosen, rejected = self._pair(idx)
-        ref = torch.tensor([self.reference[i] for i in idx], dtype=torch.float32)
-        return {"chosen": chosen, "rejected": rejected, "ref_chosen": ref[:, 0], "ref_rejected": ref[:, 1]}
+        return preference_batch(self._pair(idx), self.reference, idx)
+
+
+def check_pairs(utterances: list) -> None:
+    """DPO needs a chosen and a rejected answer on every manifest row."""
+    missing = [u.id or u.audio for u in utterances if not (u.chosen and u.rejected)]
+    if missing:
+        from ..data.manifest import ManifestError
+
+        raise ManifestError(f"train.objective=dpo needs chosen and rejected answers on every manifest row; missing on {missing[:3]}")
+
+
+@torch.no_grad()
+def reference_logprobs(model, pair: Callable, lengths: list[float], batch_size: int, desc: str) -> dict[int, tuple[float, float]]:
+    """Each pair's (chosen, rejected) log-probability under `model` as it is now: DPO's reference,
+    computed once. `pair(idx)` gives the two batches of those pairs."""
+    reference = {}
+    was_training = model.training
+    model.eval()
+    for idx in tqdm(length_grouped_batches(lengths, batch_size, seed=0, shuffle=False), desc=desc, unit="batch", leave=False):
+        c, r = pair(idx)
+        lc, lr = sequence_logprobs(model, c), sequence_logprobs(model, r)
+        for j, i in enumerate(idx):
+            reference[i] = (float(lc[j]), float(lr[j]))
+    model.train(was_training)
+    return reference
+
+
+def preference_batch(pair: tuple[dict, dict], reference: dict, idx: list[int]) -> dict:
+    ref = torch.tensor([reference[i] for i in idx], dtype=torch.float32)
+    return {"chosen": pair[0], "rejected": pair[1], "ref_chosen": ref[:, 0], "ref_rejected": ref[:, 1]}
 
 
 def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B,) summed log-probability of each row's labelled tokens (its answer).
-
-    The output layer runs only where a label is, as in the training loss: an answer is a few
-    tokens of a long row, and the vocabulary is large.
-    """
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    targets = batch["labels"][:, 1:]
-    keep = targets != -100
-    config = getattr(model.config, "text_config", model.config)
-    if getattr(config, "final_logit_softcapping", None):  # the head does more than a linear layer
-        logits = model(**inputs).logits[:, :-1][keep]
+    """(B,) summed log-probability of each row's labelled tokens (its answer), from the logits at
+    labelled positions only (`labelled_logits` of either family, as the training loss uses)."""
+    if hasattr(model, "labelled_logits"):  # the listening LM
+        logits, targets, rows = model.labelled_logits(**batch)
     else:
-        decoder = (model.language_model if hasattr(model, "language_model") else model).get_decoder()
-        if hasattr(model, "embed_inputs"):  # the listening LM: audio goes into the embeddings first
-            ids_and_audio = {k: v for k, v in inputs.items() if k != "attention_mask"}
-            hidden = decoder(inputs_embeds=model.embed_inputs(**ids_and_audio), attention_mask=inputs.get("attention_mask")).last_hidden_state
-        else:
-            hidden = decoder(**inputs).last_hidden_state
-        logits = model.get_output_embeddings()(hidden[:, :-1][keep])
-    lp = torch.log_softmax(logits.float(), -1).gather(-1, targets[keep][:, None])[:, 0]
-    rows = keep.nonzero()[:, 0]
-    return torch.zeros(targets.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
+        from .units import labelled_logits
+
+        logits, targets, rows = labelled_logits(model, **batch)
+    lp = torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0]
+    return torch.zeros(batch["labels"].shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
 
 
 def distill_loss(model, batch: dict, teacher: dict, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -454,7 +457,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
     Returns the run summary (also written to `out_dir/train_summary.json`).
     """
     from . import checkpoint
-    from .parallel import finish_distributed, full_trainable_state, init_distributed, micro_step, wrap
+    from .parallel import compile_blocks, finish_distributed, full_trainable_state, held_bytes, init_distributed, micro_step, wrap
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -500,8 +503,6 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
 
     # -- several processes: DDP or FSDP2 around a module whose forward is the loss -------------
     if t.compile:
-        from .parallel import compile_blocks
-
         compile_blocks(model)
     runner = None
     if world > 1:
@@ -619,8 +620,6 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
     train_seconds = time.perf_counter() - start_time
     if world > 1:
         import resource
-
-        from .parallel import held_bytes
 
         held = held_bytes(model, optimizer)
         logger.info("rank %d holds %s; peak RSS %.0f MB", rank, ", ".join(f"{k} {v / 2**20:.1f} MB" for k, v in held.items()),

@@ -76,21 +76,33 @@ def pad_batch(seqs: list[TokenSequence], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, token_weights=None) -> torch.Tensor:
-    """Mean next-token loss, computing the output layer only where a label is (as the listening LM does).
+def labelled_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A causal LM's logits where a label is: (n_labelled, V), their targets and rows (n_labelled,).
 
-    Same value as `model(..., labels=labels).loss`; a units LM's vocabulary is the text one plus
-    the units, and most ASR/TTS positions carry no label.
+    The output layer runs only there (as the listening LM's `labelled_logits` does): a units LM's
+    vocabulary is the text one plus the units, and most ASR/TTS positions carry no label.
+    Soft-capping LLMs take the ordinary forward.
     """
-    if getattr(model.config, "final_logit_softcapping", None):
-        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, D)
     targets = labels[:, 1:]  # (B, L-1)
     keep = targets != IGNORE
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (n_labelled, V)
+    if getattr(model.config, "final_logit_softcapping", None):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][keep]
+    else:
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, D)
+        logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    return logits, targets[keep], keep.nonzero()[:, 0]
+
+
+def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, token_weights=None) -> torch.Tensor:
+    """Mean next-token loss over the labelled positions (`labelled_logits`): the value of
+    `model(..., labels=labels).loss`, cheaper. Soft-capping LLMs take that `.loss` itself."""
+    if getattr(model.config, "final_logit_softcapping", None):
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
     from .losses import weighted_cross_entropy
 
-    return weighted_cross_entropy(logits, targets[keep], token_weights)
+    logits, targets, _ = labelled_logits(model, input_ids, attention_mask, labels)
+    return weighted_cross_entropy(logits, targets, token_weights)
 
 
 class UnitsBatcher:
@@ -129,15 +141,13 @@ class UnitsPreferenceBatcher:
     """
 
     def __init__(self, lm: UnitLM, recipe: Recipe, manifest: str, device: torch.device, desc: str):
-        from ..data.manifest import ManifestError, absolute_audio
+        from ..data.manifest import absolute_audio
         from ..data.sequences import preference, preference_prompt
-        from .trainer import sequence_logprobs
+        from .trainer import check_pairs, reference_logprobs
 
         d, at = recipe.data, lm.audio_tokenizer
         self.utterances = read_manifest(manifest)
-        missing = [u.id or u.audio for u in self.utterances if not (u.chosen and u.rejected)]
-        if missing:
-            raise ManifestError(f"train.objective=dpo needs chosen and rejected answers on every manifest row; missing on {missing[:3]}")
+        check_pairs(self.utterances)
         prompts = tokenize_audio(at, self.utterances, frames=d.format == "interleaved", batch_size=recipe.train.batch_size,
                                  max_seconds=d.max_seconds, desc=desc + ": prompts")
 
@@ -162,18 +172,7 @@ class UnitsPreferenceBatcher:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.device = device
         self.cache = None
-        model = lm.model
-        was_training = model.training
-        model.eval()
-        self.reference: dict[int, tuple[float, float]] = {}
-        with torch.no_grad():
-            order = sorted(range(len(self.pairs)), key=lambda i: self.lengths()[i])
-            for s in tqdm(range(0, len(order), recipe.train.batch_size), desc=desc + ": reference log-probs (once)", unit="batch", leave=False):
-                idx = order[s : s + recipe.train.batch_size]
-                lc, lr = (sequence_logprobs(model, self._batch(idx, k)) for k in (0, 1))
-                for j, i in enumerate(idx):
-                    self.reference[i] = (float(lc[j]), float(lr[j]))
-        model.train(was_training)
+        self.reference = reference_logprobs(lm.model, self._pair, self.lengths(), recipe.train.batch_size, desc + ": reference log-probs (once)")
         logger.info("%s: %d preference pairs (%d spoken answers)", desc, len(self.pairs), len(files))
 
     def lengths(self) -> list[float]:
@@ -185,9 +184,13 @@ class UnitsPreferenceBatcher:
     def _batch(self, idx: list[int], k: int) -> dict[str, torch.Tensor]:
         return {n: v.to(self.device) for n, v in pad_batch([self.pairs[i][k] for i in idx], self.pad_id).items()}
 
+    def _pair(self, idx: list[int]) -> tuple[dict, dict]:
+        return self._batch(idx, 0), self._batch(idx, 1)
+
     def __call__(self, idx: list[int]) -> dict:
-        ref = torch.tensor([self.reference[i] for i in idx], dtype=torch.float32)
-        return {"chosen": self._batch(idx, 0), "rejected": self._batch(idx, 1), "ref_chosen": ref[:, 0], "ref_rejected": ref[:, 1]}
+        from .trainer import preference_batch
+
+        return preference_batch(self._pair(idx), self.reference, idx)
 
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
