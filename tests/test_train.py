@@ -92,6 +92,24 @@ def test_train_cli_end_to_end(tiny_parts, manifests, tmp_path):
     assert processor.prompt_format.system_prompt == "You transcribe speech."
 
 
+@pytest.mark.parametrize("warmup,total", [(15, 150), (0, 7), (5, 5), (8, 3)])
+def test_warmup_cosine_is_transformers_schedule(warmup, total):
+    from transformers import get_cosine_schedule_with_warmup
+
+    from earful.train.trainer import warmup_cosine
+
+    def lrs(make):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+        sched, seen = make(opt, warmup, total), []
+        for _ in range(total + 2):
+            seen.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return seen
+
+    assert lrs(warmup_cosine) == pytest.approx(lrs(get_cosine_schedule_with_warmup), rel=1e-12, abs=1e-15)
+
+
 def test_kill_minus_9_then_resume_continues_the_same_run(tiny_parts, manifests, tmp_path):
     steps = dict(max_steps=60, lr=3e-3, eval_every=0, log_every=1, save_every=5)
     straight = tmp_path / "straight"

@@ -15,8 +15,9 @@ An object's key is sha256(encoder identity + sha256 of the audio file's bytes): 
 encoded by the same weights is found again whatever its path or manifest, and a different encoder
 never collides. Clips are sorted by length and cut into batches once, from the whole manifest; batch
 i goes to rank i % world_size, so every run, resumed or split, encodes the same batches and writes
-bit-identical objects (given the same device and thread count). Objects are written to a temporary
-name and renamed; a batch is skipped only when every one of its objects exists.
+the same objects (equal to float rounding: MKL may round a product differently from one process to
+the next). Objects are written to a temporary name and renamed; a batch is skipped only when every
+one of its objects exists.
 """
 
 from __future__ import annotations
