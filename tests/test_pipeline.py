@@ -177,12 +177,13 @@ def store_files(root: Path) -> dict[str, tuple[dict, dict]]:
     from safetensors import safe_open
 
     files = {}
-    for p in sorted((root / "objects").rglob("*")):
-        if p.is_file() and p.name.startswith("."):  # a temporary: named, never read
-            files[p.relative_to(root).as_posix()] = ({}, {})
-        elif p.is_file():
-            with safe_open(p, framework="pt") as f:
-                files[p.relative_to(root).as_posix()] = (f.metadata(), {k: f.get_tensor(k) for k in f.keys()})
+    for p in sorted(p for p in (root / "objects").rglob("*") if p.is_file()):
+        name = p.relative_to(root).as_posix()
+        if p.name.startswith("."):  # a temporary: named, never read
+            files[name] = ({}, {})
+            continue
+        with safe_open(p, framework="pt") as f:
+            files[name] = (f.metadata(), {k: f.get_tensor(k) for k in f.keys()})
     return files
 
 

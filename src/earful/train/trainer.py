@@ -287,7 +287,7 @@ def _warmup_cosine_factor(step: int, warmup: int, total: int) -> float:
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup from 0, then a half cosine to 0 at `total`: transformers'
     get_cosine_schedule_with_warmup, step for step (a test holds them equal). Importing that one
-    costs every training process ~3.5 s (transformers.optimization pulls in the Trainer's utilities,
+    costs every training process ~2 s (transformers.optimization pulls in the Trainer's utilities,
     peft and bitsandbytes with it)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_warmup_cosine_factor, warmup=warmup, total=total))
 
