@@ -88,7 +88,7 @@ def tiny_lm(smol_dir, whisper_dir):
 # per session; the end-to-end test checks the run itself, the serving tests talk to the result.
 DIGITS_TRAIN_SPEAKERS = "jackson,lucas"
 DIGITS_HELD_OUT = "yweweler"
-DIGITS_STEPS = 60
+DIGITS_STEPS = 80
 
 
 @pytest.fixture(scope="session")
@@ -110,7 +110,7 @@ def digits_model(fsdd, smol_dir, whisper_dir, tmp_path_factory):
     for manifest, speakers in ((train, DIGITS_TRAIN_SPEAKERS), (evals, DIGITS_HELD_OUT)):
         r = cli("data", "prepare", "fsdd", fsdd, "--out", manifest, "--speakers", speakers)
         assert r.returncode == 0, r.stderr
-    # DIGITS_STEPS steps of 8 clips (the encoder's LoRA adapters train, so its outputs are not cached).
-    r = cli("train", ROOT / "recipes" / "digits.yaml", "--out", out, "--set", f"data.train={train}", f"data.eval={evals}", "train.batch_size=8",
-            f"train.max_steps={DIGITS_STEPS}", "train.warmup_steps=6", "train.eval_every=0", "train.log_every=1", "train.save_every=0")
+    # DIGITS_STEPS steps of 16 clips (the encoder's LoRA adapters train, so its outputs are not cached).
+    r = cli("train", ROOT / "recipes" / "digits.yaml", "--out", out, "--set", f"data.train={train}", f"data.eval={evals}",
+            f"train.max_steps={DIGITS_STEPS}", "train.warmup_steps=8", "train.eval_every=0", "train.log_every=1", "train.save_every=0")
     return out, train, evals, r
