@@ -20,6 +20,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from .errors import EarfulError
+
 logger = logging.getLogger(__name__)
 
 # A speech LM prompt is seconds to minutes long; longer recordings belong to segmentation.
@@ -30,7 +32,7 @@ DEFAULT_MAX_SECONDS = 600.0
 _SHORTFALL_TOLERANCE = 0.10
 
 
-class AudioError(Exception):
+class AudioError(EarfulError):
     """Audio that earful cannot use. `path` names the file (or upload), `reason` says why."""
 
     def __init__(self, path: str | Path, reason: str):

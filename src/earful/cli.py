@@ -12,10 +12,12 @@ import logging
 import os
 import sys
 
+from .errors import EarfulError
+
 logger = logging.getLogger("earful")
 
 
-class UsageError(Exception):
+class UsageError(EarfulError):
     """A problem with what the user gave, reported in one line."""
 
 

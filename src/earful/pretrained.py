@@ -58,6 +58,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .errors import EarfulError
+
 if TYPE_CHECKING:  # heavy imports stay inside the converters
     import torch
     from transformers import WhisperConfig, WhisperTokenizer
@@ -76,7 +78,7 @@ MARKER_FILE = "earful-bundled.json"
 CONVERTER_VERSION = 2
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(EarfulError, ValueError):
     """A model spec that cannot be resolved: a missing folder, an unknown bundled name, or a
     bundled model whose package is not installed. The message says which, and the fix."""
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from .. import atomic
 from ..audio import DEFAULT_MAX_SECONDS, AudioError, load_audio
 from .manifest import Utterance, read_manifest, write_manifest
+from ..errors import EarfulError
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class AudioSilent(AudioError):
     """Nothing above the silence threshold."""
 
 
-class IngestError(ValueError):
+class IngestError(EarfulError, ValueError):
     """A source that cannot be ingested at all (the whole source, not one clip)."""
 
 

@@ -14,8 +14,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from ..errors import EarfulError
 
-class ManifestError(ValueError):
+
+class ManifestError(EarfulError, ValueError):
     """A manifest that cannot be used: missing, empty, or a line that is not a valid utterance."""
 
 

@@ -26,12 +26,13 @@ from dataclasses import dataclass
 
 from ..models.vocab import SoundVocab
 from ..tokenizers import deduplicate
+from ..errors import EarfulError
 
 FORMATS = ("speech", "asr", "tts", "interleaved", "aligned")
 IGNORE = -100
 
 
-class SequenceError(ValueError):
+class SequenceError(EarfulError, ValueError):
     """Input that a sequence format cannot lay out (e.g. interleaving without word timestamps)."""
 
 

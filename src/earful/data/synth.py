@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import EarfulError
+
 logger = logging.getLogger(__name__)
 
 _INSTALL_HINT = (
@@ -48,7 +50,7 @@ _CLAUSE_PUNCTUATION = re.compile(r"([.,;:!?]+)(?=\s|$)")
 _LANGUAGE_SWITCH = re.compile(r"\([^)]*\)")
 
 
-class MissingExtraError(ImportError):
+class MissingExtraError(EarfulError, ImportError):
     """An optional package of the `synth` extra is not installed."""
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import EarfulError
+
 logger = logging.getLogger(__name__)
 
 SOUND_START, SOUND_END = "<|sound_start|>", "<|sound_end|>"
@@ -33,7 +35,7 @@ AUDIO_TOKENIZER_DIR = "audio_tokenizer"
 _SOUND = re.compile(r"^<\|sound_(\d{4,})\|>$")
 
 
-class SoundVocabError(ValueError):
+class SoundVocabError(EarfulError, ValueError):
     """A tokenizer or token sequence that does not fit the sound vocabulary."""
 
 

@@ -28,6 +28,7 @@ import torch
 
 from ..audio import DEFAULT_MAX_SECONDS, decode_audio_bytes, load_audio, resample
 from ..models.processing import clip_features, pad_features
+from ..errors import EarfulError
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ AudioLike = Union[str, Path, bytes, np.ndarray, "tuple[np.ndarray, int]"]
 MIN_AUDIO_SECONDS = 0.05  # shorter clips give the encoder no frame to work with
 
 
-class RequestError(ValueError):
+class RequestError(EarfulError, ValueError):
     """A request the model cannot answer as asked (the server turns it into a 400)."""
 
 

@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import write_text as atomic_write_text  # the one atomic text writer, under the name callers use
+from ..errors import EarfulError
 
 CONFIG_FILE = "audio_tokenizer.json"
 
 
-class AudioTokenizerError(ValueError):
+class AudioTokenizerError(EarfulError, ValueError):
     """A tokenizer folder or token sequence that cannot be used; the message names which and why."""
 
 

@@ -14,9 +14,10 @@ from typing import Any, get_type_hints
 import yaml
 
 from ..models.processing import DEFAULT_PROMPT
+from ..errors import EarfulError
 
 
-class RecipeError(ValueError):
+class RecipeError(EarfulError, ValueError):
     """A recipe that cannot run; the message lists every problem found."""
 
 
