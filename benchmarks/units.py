@@ -47,7 +47,8 @@ from earful.data.manifest import write_manifest  # noqa: E402
 from earful.eval.asr import write_report  # noqa: E402
 from earful.eval.pairs import score_pairs  # noqa: E402
 from earful.eval.units_asr import evaluate_units_asr  # noqa: E402
-from earful.models.vocab import UnitLM, build_unit_lm, load_unit_lm  # noqa: E402
+from earful.models.vocab import UnitLM, build_unit_lm  # noqa: E402
+from earful.tokenizers.unit_lm import load_unit_lm  # noqa: E402
 from earful.tokenizers.units import fit_unit_tokenizers  # noqa: E402
 from earful.train.recipe import load_recipe  # noqa: E402
 from earful.train.trainer import train  # noqa: E402

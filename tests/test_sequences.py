@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import tiny_configs
 from earful.data.sequences import IGNORE, SequenceError, Word, aligned, asr, interleaved, speech, tts, words_of
-from earful.models.vocab import add_sound_tokens, load_unit_lm
+from earful.models.vocab import add_sound_tokens
+from earful.tokenizers.unit_lm import load_unit_lm
 from earful.train.recipe import RecipeError, build_recipe
 
 from test_data import run_cli

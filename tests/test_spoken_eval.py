@@ -14,7 +14,8 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from conftest import FSDD_REC, tiny_configs
 from earful.eval.generation import auto_bleu, corpus_auto_bleu
 from earful.eval.pairs import score_pairs, sound_loglik
-from earful.models.vocab import UnitLM, add_sound_tokens, extend_lm, load_unit_lm, save_unit_lm
+from earful.models.vocab import UnitLM, add_sound_tokens, extend_lm, save_unit_lm
+from earful.tokenizers.unit_lm import load_unit_lm
 
 from test_data import run_cli
 

@@ -128,6 +128,20 @@ def test_bad_inputs_name_the_problem(units, tmp_path):
         units.units_of(np.zeros((3, 7), dtype=np.float32))
 
 
+def test_tokenizer_kinds_are_a_registry(tmp_path):
+    """load_audio_tokenizer finds a kind by the class that registered it, not by a list in the factory."""
+    from earful.tokenizers import KINDS
+    from earful.tokenizers.codec import CodecTokenizer
+    from earful.tokenizers.units import UnitTokenizer
+
+    assert KINDS["units"] is UnitTokenizer and KINDS["codec"] is CodecTokenizer
+    (tmp_path / "audio_tokenizer.json").write_text('{"kind": "vq"}')
+    with pytest.raises(AudioTokenizerError, match="unknown kind 'vq' \\(expected one of codec, units\\)"):
+        load_audio_tokenizer(tmp_path)
+    with pytest.raises(TypeError, match="kind 'units' is taken"):
+        type("Other", (UnitTokenizer,), {"kind": "units"})
+
+
 def test_units_fit_cli_writes_one_folder_per_k(fsdd, whisper_dir, tmp_path):
     from earful.data.fsdd import fsdd_utterances
     from earful.data.manifest import write_manifest

@@ -10,8 +10,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from conftest import tiny_configs
 from earful.models.vocab import (
-    MARKERS, SoundVocab, SoundVocabError, UnitLM, add_sound_tokens, extend_lm, load_unit_lm, save_unit_lm, sound_token,
+    MARKERS, SoundVocab, SoundVocabError, UnitLM, add_sound_tokens, extend_lm, save_unit_lm, sound_token,
 )
+from earful.tokenizers.unit_lm import load_unit_lm
 from earful.tokenizers.units import UnitTokenizer
 
 N_UNITS = 24

@@ -169,12 +169,12 @@ def save_unit_lm(lm: UnitLM, folder: str | Path) -> None:
     tmp.rmdir()
 
 
-def load_unit_lm(folder: str | Path, device: str | torch.device = "cpu") -> UnitLM:
-    """A saved units LM: the model, its tokenizer, where the sound tokens sit, and the audio tokenizer."""
+def load_sound_lm(folder: str | Path, device: str | torch.device = "cpu") -> UnitLM:
+    """A saved units LM's model, tokenizer and sound vocabulary (checked against each other), without
+    its audio tokenizer: `earful.tokenizers.unit_lm.load_unit_lm` adds that."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..pretrained import resolve
-    from ..tokenizers import load_audio_tokenizer
 
     folder = Path(resolve(str(folder)))
     if not (folder / VOCAB_FILE).is_file():
@@ -185,9 +185,4 @@ def load_unit_lm(folder: str | Path, device: str | torch.device = "cpu") -> Unit
     if saved != asdict(vocab):
         raise SoundVocabError(f"{folder / VOCAB_FILE} says {saved} but the tokenizer gives {asdict(vocab)}")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
-    audio_dir = folder / AUDIO_TOKENIZER_DIR
-    audio_tokenizer = load_audio_tokenizer(audio_dir) if audio_dir.is_dir() else None
-    if audio_tokenizer is not None and audio_tokenizer.vocab_size != vocab.n_units:
-        raise SoundVocabError(f"{audio_dir}: the audio tokenizer has {audio_tokenizer.vocab_size} ids but the LM "
-                              f"{vocab.n_units} sound tokens")
-    return UnitLM(model, tokenizer, vocab, audio_tokenizer)
+    return UnitLM(model, tokenizer, vocab)

@@ -15,14 +15,12 @@ whatever the kind needs (k-means centroids); `load_audio_tokenizer` reads any ki
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
 
-from ..atomic import write_text as atomic_write_text  # the one atomic text writer, under the name callers use
+from ..atomic import replacing, write_text as atomic_write_text  # the one atomic text writer, under the name callers use
 from ..errors import EarfulError
 
 CONFIG_FILE = "audio_tokenizer.json"
@@ -36,9 +34,27 @@ class DecodeUnsupported(AudioTokenizerError):
     """The tokenizer cannot turn ids back into audio (k-means units have no vocoder)."""
 
 
+# kind -> class: every AudioTokenizer subclass with a `kind` registers itself when its module is
+# imported (the package imports the built-in kinds), so loading needs no list of subclasses here.
+KINDS: dict[str, type[AudioTokenizer]] = {}
+
+
 class AudioTokenizer(ABC):
     kind: str  # written to audio_tokenizer.json, picks the class on load
     can_decode: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        kind = cls.__dict__.get("kind")
+        if kind is not None:
+            if kind in KINDS and KINDS[kind] is not cls:
+                raise TypeError(f"audio tokenizer kind {kind!r} is taken by {KINDS[kind].__qualname__}")
+            KINDS[kind] = cls
+
+    @classmethod
+    @abstractmethod
+    def from_pretrained(cls, folder: str | Path) -> AudioTokenizer:
+        """The tokenizer saved in `folder` by `save_pretrained`."""
 
     @property
     @abstractmethod
@@ -78,14 +94,8 @@ class AudioTokenizer(ABC):
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with replacing(path) as f:
+        np.save(f, array)
 
 
 def read_config(folder: str | Path) -> dict:
@@ -103,17 +113,11 @@ def read_config(folder: str | Path) -> dict:
 
 
 def load_audio_tokenizer(folder: str | Path) -> AudioTokenizer:
-    """Any saved audio tokenizer, by the `kind` in its folder's audio_tokenizer.json."""
+    """Any saved audio tokenizer, by the `kind` in its folder's audio_tokenizer.json (see `KINDS`)."""
     kind = read_config(folder)["kind"]
-    if kind == "units":
-        from .units import UnitTokenizer
-
-        return UnitTokenizer.from_pretrained(folder)
-    if kind == "codec":
-        from .codec import CodecTokenizer
-
-        return CodecTokenizer.from_pretrained(folder)
-    raise AudioTokenizerError(f"{Path(folder) / CONFIG_FILE}: unknown kind {kind!r} (expected units or codec)")
+    if kind not in KINDS:
+        raise AudioTokenizerError(f"{Path(folder) / CONFIG_FILE}: unknown kind {kind!r} (expected one of {', '.join(sorted(KINDS))})")
+    return KINDS[kind].from_pretrained(folder)
 
 
 def deduplicate(ids: list[int]) -> list[int]:
