@@ -299,7 +299,7 @@ def load(model: str | Path, *, device: str | None = None, name: str | None = Non
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if is_units_model(model):
-        from ..models.vocab import load_unit_lm
+        from ..tokenizers.unit_lm import load_unit_lm
 
         limits = {k: v for k, v in kwargs.items() if k == "max_audio_seconds"}
         return SpeakingLM(load_unit_lm(model, device=device), name=name or Path(str(model)).name, **limits)
