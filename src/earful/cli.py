@@ -373,7 +373,8 @@ def eval_units_asr(model: str, data: str, out: str, batch_size: int = 16, limit:
 
 
 def _load_unit_lm(model: str):
-    from .models.vocab import SoundVocabError, load_unit_lm
+    from .models.vocab import SoundVocabError
+    from .tokenizers.unit_lm import load_unit_lm
     from .tokenizers import AudioTokenizerError
 
     try:

@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 from ..audio import load_audio
 from ..data.manifest import Utterance, read_manifest
 from ..data.sequences import IGNORE, TokenSequence, aligned, asr, interleaved, speech, tts, words_of
-from ..models.vocab import UnitLM, build_unit_lm, load_unit_lm, save_unit_lm
+from ..models.vocab import UnitLM, build_unit_lm, save_unit_lm
 from ..tokenizers import load_audio_tokenizer
+from ..tokenizers.unit_lm import load_unit_lm
 from .recipe import Recipe
 
 logger = logging.getLogger(__name__)
