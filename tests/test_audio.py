@@ -2,6 +2,8 @@
 
 import pickle
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from earful.audio import (
     AudioCorrupt,
     AudioEmpty,
     AudioError,
+    AudioNeedsFfmpeg,
     AudioNonFinite,
     AudioNotAudio,
     AudioNotFound,
@@ -21,6 +24,7 @@ from earful.audio import (
     AudioTooShort,
     audio_duration,
     decode_audio_bytes,
+    find_ffmpeg,
     load_audio,
     resample,
 )
@@ -58,6 +62,11 @@ def assert_error(excinfo, cls, path, word):
     assert "\n" not in message
 
 
+def ffmpeg(*args) -> None:
+    """Run the ffmpeg binary imageio-ffmpeg ships (the one earful decodes with)."""
+    subprocess.run([find_ffmpeg(), "-nostdin", "-v", "error", "-y", *map(str, args)], check=True)
+
+
 def wav_header(n_frames: int, rate: int = 8000) -> bytes:
     """A canonical 44-byte 16-bit mono PCM WAV header for `n_frames` samples."""
     data_bytes = 2 * n_frames
@@ -88,6 +97,40 @@ def test_same_speech_in_other_containers(tmp_path, fsdd_wav, fsdd_8k, fmt, subty
     assert audio.dtype == np.float32 and audio.ndim == 1
     assert abs(len(audio) - len(reference)) <= 0.01 * len(reference)
     assert correlation(audio, reference) > 0.9
+
+
+@pytest.mark.parametrize("suffix, codec", [(".m4a", "aac"), (".webm", "libopus")], ids=["m4a", "webm"])
+def test_containers_only_ffmpeg_reads_decode_like_the_wav(tmp_path, fsdd_wav, suffix, codec):
+    """A phone's M4A or a browser's WebM is read by every verb (load_audio: transcribe, eval,
+    training; decode_audio_bytes: server uploads), through ffmpeg, as the WAV it was made from."""
+    path = tmp_path / f"zero{suffix}"
+    ffmpeg("-i", fsdd_wav, "-c:a", codec, path)
+    reference = load_audio(fsdd_wav)
+    audio = load_audio(path)
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert abs(len(audio) - len(reference)) <= 0.005 * 16000  # within 5 ms
+    assert correlation(audio, reference) > 0.95
+    np.testing.assert_array_equal(decode_audio_bytes(path.read_bytes(), name=f"upload{suffix}"), audio)
+    assert audio_duration(path) == pytest.approx(audio_duration(fsdd_wav), abs=0.02)
+
+
+def test_ffmpeg_containers_without_ffmpeg_say_which_extra_to_install(tmp_path, fsdd_wav, monkeypatch):
+    path = tmp_path / "zero.m4a"
+    ffmpeg("-i", fsdd_wav, "-c:a", "aac", path)
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as if the optional package were not installed
+    with pytest.raises(AudioNeedsFfmpeg) as excinfo:
+        load_audio(path)
+    assert_error(excinfo, AudioNeedsFfmpeg, path, "earful[ingest]")
+    assert isinstance(excinfo.value, AudioError)  # a reject like any other unusable clip
+    assert len(load_audio(fsdd_wav)) > 0  # what soundfile reads needs no ffmpeg
+
+
+def test_an_mp4_with_no_audio_stream(tmp_path):
+    path = tmp_path / "video_only.mp4"
+    ffmpeg("-f", "lavfi", "-i", "color=c=black:s=16x16:d=0.2", "-c:v", "mpeg4", path)
+    with pytest.raises(AudioNotAudio) as excinfo:
+        load_audio(path)
+    assert_error(excinfo, AudioNotAudio, path, "no audio stream")
 
 
 def test_stereo_is_mixed_to_the_mean_of_its_channels(tmp_path, fsdd_8k):
@@ -185,6 +228,15 @@ def _cut_encoded(fmt, subtype=None, keep=None):
     return cut
 
 
+def _cut_m4a(*flags):
+    def cut(fsdd_wav, tmp_path):
+        path = tmp_path / "full.m4a"
+        ffmpeg("-i", fsdd_wav, "-c:a", "aac", *flags, path)
+        data = path.read_bytes()
+        return data[: len(data) * 2 // 3]
+    return cut
+
+
 @pytest.mark.parametrize("suffix, cut", [
     (".wav", _cut_wav_header),
     (".wav", _cut_wav_data),
@@ -192,7 +244,9 @@ def _cut_encoded(fmt, subtype=None, keep=None):
     (".ogg", _cut_encoded("OGG", "VORBIS")),
     (".mp3", _cut_encoded("MP3", "MPEG_LAYER_III")),
     (".mp3", _cut_encoded("MP3", "MPEG_LAYER_III", keep=10)),  # inside the first frame
-], ids=["wav-header", "wav-data", "flac", "ogg", "mp3", "mp3-header"])
+    (".m4a", _cut_m4a()),  # its index (moov) at the end: cut off
+    (".m4a", _cut_m4a("-movflags", "+faststart")),  # index first: the samples it lists are cut off
+], ids=["wav-header", "wav-data", "flac", "ogg", "mp3", "mp3-header", "m4a", "m4a-faststart"])
 def test_truncated_file(tmp_path, fsdd_wav, suffix, cut):
     path = tmp_path / f"cut{suffix}"
     path.write_bytes(cut(fsdd_wav, tmp_path))
@@ -201,12 +255,13 @@ def test_truncated_file(tmp_path, fsdd_wav, suffix, cut):
     assert_error(excinfo, AudioCorrupt, path, "truncated")
 
 
-@pytest.mark.parametrize("content, looks_like", [
-    (b"hello, this is a transcript and not a recording\n", "text"),
-    (b"\x89PNG\r\n\x1a\n" + bytes(64), "PNG"),
-], ids=["text", "png"])
-def test_not_audio(tmp_path, content, looks_like):
-    path = tmp_path / "renamed.wav"
+@pytest.mark.parametrize("suffix, content, looks_like", [
+    (".wav", b"hello, this is a transcript and not a recording\n", "text"),
+    (".wav", b"\x89PNG\r\n\x1a\n" + bytes(64), "PNG"),
+    (".m4a", b"hello, this is a transcript and not a recording\n", "text"),
+], ids=["text", "png", "text-m4a"])
+def test_not_audio(tmp_path, suffix, content, looks_like):
+    path = tmp_path / f"renamed{suffix}"
     path.write_bytes(content)
     with pytest.raises(AudioNotAudio) as excinfo:
         load_audio(path)
@@ -251,6 +306,22 @@ def test_too_long_is_refused_from_the_header_before_decoding(tmp_path, monkeypat
     with pytest.raises(AudioTooLong) as excinfo:
         load_audio(path)  # the default limit
     assert_error(excinfo, AudioTooLong, path, f"max_seconds={DEFAULT_MAX_SECONDS}")
+
+
+def test_too_long_m4a_is_refused_from_its_header_before_decoding(tmp_path, monkeypatch):
+    wav, path = tmp_path / "long.wav", tmp_path / "twenty_seconds.m4a"
+    sf.write(wav, np.zeros(20 * 8000, dtype=np.float32), 8000)
+    ffmpeg("-i", wav, "-c:a", "aac", path)
+    assert audio_duration(path) == pytest.approx(20.0, abs=0.05)
+    import earful.audio
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("load_audio decoded samples of a file it should have refused")
+
+    monkeypatch.setattr(earful.audio, "_ffmpeg_wav", no_decoding)
+    with pytest.raises(AudioTooLong) as excinfo:
+        load_audio(path, max_seconds=10)
+    assert_error(excinfo, AudioTooLong, path, "20.0 s long")
 
 
 def test_too_short(tmp_path):
