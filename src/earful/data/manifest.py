@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from ..atomic import replacing
 from ..errors import EarfulError
 
 
@@ -83,17 +83,10 @@ def read_manifest(path: str | Path) -> list[Utterance]:
 def write_manifest(utterances: Iterable[Utterance], path: str | Path, relative: bool = True) -> int:
     """Write atomically (temp file + rename): a crash never leaves a half-written manifest."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for u in utterances:
-                row = u.to_json(path.parent.resolve() if relative else None)
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with replacing(path, "w") as f:
+        for u in utterances:
+            row = u.to_json(path.parent.resolve() if relative else None)
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
     return n
