@@ -14,12 +14,8 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import random
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +23,7 @@ from pathlib import Path
 import soundfile as sf
 import torch
 
-from earful.atomic import write_json
+from reporting import footer, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,20 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                 "clips": len(clips), "batch_size": a.batch_size, "encoder": "bundled:whisper-tiny.en (no 30 s padding)"}
     print(f"encode: sorted {sorted_['audio_hours_per_hour']:.0f} audio-h/h (padding {sorted_['padding_share']:.0%}), "
           f"unsorted {unsorted['audio_hours_per_hour']:.0f} (padding {unsorted['padding_share']:.0%}): {encoding['sorted_speedup']}x")
-    import transformers
-
-    report = {
-        "recording_hours": a.hours,
-        "segmenting": segmenting,
-        "encoding": encoding,
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average_at_end": os.getloadavg(),
-                    "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "runtime_seconds": round(time.perf_counter() - started, 1),
-    }
-    out = Path(a.out)
-    write_json(out, report)
+    report = {"recording_hours": a.hours, "segmenting": segmenting, "encoding": encoding, **footer(started)}
+    out = write_report(a.out, report)
     print(f"wrote {out}")
     return 0
 

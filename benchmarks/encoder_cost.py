@@ -32,11 +32,8 @@ zero: (b)'s frames also attend to the 30 s of padding.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import random
-import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -45,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from reporting import footer, write_report
 
 SAMPLING_RATE = 16000
 BATCH = 16
@@ -242,7 +241,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import transformers
     from transformers import WhisperFeatureExtractor
 
     from earful.pretrained import resolve
@@ -305,22 +303,11 @@ def main() -> None:
                              f"fresh spawned process per variant, MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}; "
                              "cold = first call, warm = second call",
             "agreement": agreement,
-            "device": "cpu" + (f" + {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
-            "torch_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
             "load_average_at_start": load_at_start,
-            "load_average_at_end": os.getloadavg(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-            "runtime_seconds": time.perf_counter() - started,
         },
+        **footer(started),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_report(args.out, result)
 
     print(f"Whisper tiny.en encoder, {args.clips} FSDD clips (mean {result['details']['mean_clip_seconds']:.2f} s), "
           f"{len(shared_ids)} also padded to 30 s; CPU, {torch.get_num_threads()} threads")
@@ -336,7 +323,7 @@ def main() -> None:
     if load_at_start[0] > 0.5 * (os.cpu_count() or 1):
         print(f"note: load average {load_at_start[0]:.1f} on {os.cpu_count()} cores at start; other work skews these timings")
     print(f"max |short - padded[:T']| on {len(agreement)} clips: {max(a['max_abs_diff'] for a in agreement):.3g}")
-    print(f"wrote {args.out} in {result['details']['runtime_seconds']:.0f} s")
+    print(f"wrote {args.out} in {result['runtime_seconds']:.0f} s")
 
 
 if __name__ == "__main__":

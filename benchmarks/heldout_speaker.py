@@ -41,18 +41,16 @@ deleted after scoring unless `--keep`. FSDD is read from $EARFUL_FSDD or ../shar
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import logging
-import os
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from reporting import footer, write_report
 
 logger = logging.getLogger("heldout_speaker")
 
@@ -239,33 +237,6 @@ def summarise(folds: list[dict], skip_peers: bool) -> dict:
             "target": TARGET, "meets_target": all(checks.values()), "checks": checks}
 
 
-def machine_info(peers: dict, started: float) -> dict:
-    import transformers
-    from importlib.metadata import version
-
-    return {
-        "device": "cpu" + (f" + {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_end": os.getloadavg(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "pocketsphinx": version("pocketsphinx"),
-        "jiwer": version("jiwer"),
-        "peer_load_seconds": {name: round(p.load_seconds, 2) for name, p in peers.items()},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "runtime_seconds": round(time.perf_counter() - started, 1),
-    }
-
-
-def write_json(result: dict, path: Path) -> None:
-    from earful.atomic import write_json as atomic_write_json
-
-    atomic_write_json(path, result)
-
-
 def print_table(result: dict) -> None:
     peers = "whisper_tiny_zero_shot" in result["mean_accuracy"]
     head = f"{'held out':<10} {'n':>4} {'earful acc':>10} {'WER':>6} {'train s':>8} {'total s':>8}"
@@ -311,6 +282,8 @@ def main() -> None:
     hf_logging.set_verbosity_error()  # transformers' notices would drown the run's progress
     hf_logging.disable_progress_bar()
 
+    from importlib.metadata import version
+
     from earful.audio import load_audio
     from earful.data.fsdd import fsdd_utterances
     from earful.train.recipe import RecipeError, load_recipe
@@ -342,10 +315,11 @@ def main() -> None:
 
     result = {"folds": folds, **summarise(folds, args.skip_peers),
               "recipe": str(RECIPE.relative_to(RECIPE.parents[1])), "overrides": args.set, "limit": args.limit,
-              "machine": machine_info(peers, started)}
-    write_json(result, args.out)
+              **footer(started, pocketsphinx=version("pocketsphinx"), jiwer=version("jiwer"),
+                       peer_load_seconds={name: round(p.load_seconds, 2) for name, p in peers.items()})}
+    write_report(args.out, result)
     print_table(result)
-    print(f"wrote {args.out} in {result['machine']['runtime_seconds']:.0f} s")
+    print(f"wrote {args.out} in {result['runtime_seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -22,12 +22,7 @@ warm-up; ratios are earful's against each peer.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -35,7 +30,7 @@ import numpy as np
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from earful.atomic import write_json
+from reporting import footer, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SR = 16000
@@ -172,22 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(f"{name}: earful TTFT {e['ttft_s'] * 1000:.0f} ms, {e['tokens_per_s']:.0f} tok/s | whisper TTFT {w['ttft_s'] * 1000:.0f} ms, "
               f"{w['tokens_per_s']:.0f} tok/s | pocketsphinx result {s['total_s'] * 1000:.0f} ms")
-    import transformers
-
-    report = {
-        "clips": results,
-        "model": a.model,
-        "new_tokens": a.new_tokens,
-        "repeats": a.repeats,
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average_at_end": os.getloadavg(),
-                    "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-                    "device": "cpu"},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "runtime_seconds": round(time.perf_counter() - started, 1),
-    }
-    out = Path(a.out)
-    write_json(out, report)
+    report = {"clips": results, "model": a.model, "new_tokens": a.new_tokens, "repeats": a.repeats, **footer(started)}
+    out = write_report(a.out, report)
     print(f"wrote {out}")
     return 0
 

@@ -13,18 +13,16 @@ DDP / FSDP. The loss of both is logged too: the same model trained the same way.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
-import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-from earful.atomic import write_json
+from reporting import footer, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD = re.compile(r"rank (\d+) holds parameters ([\d.]+) MB, trained_parameters ([\d.]+) MB, optimizer_state ([\d.]+) MB; peak RSS (\d+) MB")
@@ -55,6 +53,7 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=64)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_memory.json"))
     args = ap.parse_args()
+    started = time.perf_counter()
     from earful.data.fsdd import default_fsdd_dir, fsdd_utterances
     from earful.data.manifest import write_manifest
 
@@ -69,14 +68,12 @@ def main() -> None:
     keys = ("parameters_mb", "trained_parameters_mb", "optimizer_state_mb", "peak_rss_mb")
     report = {
         "what": "bytes held per rank, 2 torchrun processes (gloo, CPU), digits recipe with the LLM trained in full",
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "steps": args.steps, "batch_size": args.batch_size, "clips": args.clips,
         **result,
         "ddp_over_fsdp": {k: round(per_rank("ddp", k) / max(per_rank("fsdp", k), 1e-9), 2) for k in keys},
+        **footer(started),
     }
-    write_json(Path(args.out), report)
+    write_report(args.out, report)
     for k in keys:
         print(f"{k:24s} ddp {per_rank('ddp', k):9.1f}  fsdp {per_rank('fsdp', k):9.1f}  ratio {report['ddp_over_fsdp'][k]}")
     print("losses ddp ", [round(x, 4) for x in result["ddp"]["losses"]])

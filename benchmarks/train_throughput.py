@@ -27,11 +27,7 @@ ratio, per configuration. Target: >= 2x on each.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import shlex
 import sys
 import tempfile
 import time
@@ -39,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from earful.atomic import write_json
+from reporting import footer, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 # The measured configurations: recipe overrides of digits.yaml.
@@ -153,22 +149,14 @@ def main(argv: list[str] | None = None) -> int:
             measured[config] = {"earful": ours, "transformers_trainer": hf, "speedup_samples_per_s": round(ratio, 2), "meets_target": ratio >= 2.0}
             print(f"{config}: transformers Trainer {hf['samples_per_s']} samples/s, earful {ours['samples_per_s']} "
                   f"(loop alone {ours['loop_samples_per_s']}): {ratio:.2f}x")
-    import transformers
-
     report = {
         "configs": measured, "target": 2.0, "meets_target": all(m["meets_target"] for m in measured.values()),
         "steps": a.steps, "batch_size": a.batch_size, "clips": a.clips,
         "model": "recipes/digits.yaml: bundled Whisper tiny.en + SmolLM2-135M-Instruct (frozen) + projector; "
                  "shipped: encoder LoRA r=8 + utterance normalisation; frozen_encoder: the encoder frozen whole",
-        "machine": {"device": "cuda" if torch.cuda.is_available() else "cpu", "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "load_average_at_end": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__,
-                    "transformers": transformers.__version__},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "runtime_seconds": round(time.perf_counter() - started, 1),
+        **footer(started),
     }
-    out = Path(a.out)
-    write_json(out, report)
+    out = write_report(a.out, report)
     print(f"wrote {out}")
     return 0
 
