@@ -276,6 +276,23 @@ def test_encode_killed_midway_resumes_to_the_same_store(clips_manifest, tmp_path
     again = cli(*args, "--out", crashed, env=env)  # a third run has nothing to do
     assert json.loads((crashed / "summary.json").read_text())["encoded"] == 0, again.stderr[-1000:]
 
+    # An object cut short (a full disk, a copy that stopped): the trainer's reader takes it as
+    # missing, and a rerun logs it and encodes its batch again (batch size 2), whole.
+    from earful.data.shards import find_objects, object_path, read_index
+
+    index = read_index(crashed)
+    victim = object_path(crashed, index[7]["key"])
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    identity = json.loads((crashed / "summary.json").read_text())["encoder_identity"]
+    assert sorted(find_objects(crashed, identity, [r["audio"] for r in index])) == [i for i in range(36) if i != 7]
+    repaired = cli(*args, "--out", crashed, env=env)
+    assert repaired.returncode == 0, repaired.stderr[-2000:]
+    assert "unreadable encoded object" in repaired.stderr and victim.name in repaired.stderr
+    summary = json.loads((crashed / "summary.json").read_text())
+    assert (summary["encoded"], summary["already_done"]) == (2, 34)
+    assert_same_store(store_files(crashed), store_files(tmp_path / "straight"))
+    assert (crashed / "index.jsonl").read_text() == (tmp_path / "straight" / "index.jsonl").read_text()
+
 
 def test_encode_records_each_bad_kind_and_goes_on(tmp_path):
     expected = bad_inputs(tmp_path / "bad")

@@ -17,7 +17,9 @@ never collides. Clips are sorted by length and cut into batches once, from the w
 i goes to rank i % world_size, so every run, resumed or split, encodes the same batches and writes
 the same objects (equal to float rounding: MKL may round a product differently from one process to
 the next). Objects are written to a temporary name and renamed; a batch is skipped only when every
-one of its objects exists.
+one of its objects exists and reads back whole. An object that does not (cut short by a full disk,
+a copy that stopped, a crash before the data reached the disk) is logged, removed and encoded again,
+and the trainer's reader takes it as missing.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -139,11 +141,25 @@ def find_objects(root: str | Path, identity: str, audio_paths: list[str]) -> dic
         raise FileNotFoundError(f"{root}: not an encoded store (no objects/; fill it with `earful data encode`)")
     found = {}
     for i, path in enumerate(audio_paths):
-        obj = object_path(root, object_key(identity, path))
+        try:
+            obj = object_path(root, object_key(identity, path))
+        except OSError:  # the clip itself is unreadable: the trainer's own read of it says why
+            continue
         if obj.is_file():
-            with safe_open(obj, framework="pt") as f:
-                found[i] = f.get_tensor(next(iter(f.keys())))
+            tensor = _read_object(obj)
+            if tensor is not None:
+                found[i] = tensor
     return found
+
+
+def _read_object(path: Path) -> torch.Tensor | None:
+    """A stored object's tensor, or None (logged) when the file is cut short or damaged."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(next(iter(f.keys())))
+    except (SafetensorError, OSError, StopIteration) as e:
+        logger.warning("%s: unreadable encoded object (%s); taking it as not encoded", path, e)
+        return None
 
 
 def _identity(architecture: str, state: dict[str, torch.Tensor]) -> str:
@@ -208,9 +224,22 @@ def _write_object(root: Path, key: str, kind: str, tensor: torch.Tensor, meta: d
     os.replace(tmp, path)
 
 
-def _object_frames(path: Path) -> int:
-    with safe_open(path, framework="pt") as f:
-        return int(f.get_slice(next(iter(f.keys()))).get_shape()[0])
+def _object_frames(path: Path) -> int | None:
+    """The object's length in frames (ids), or None when it is missing or does not read back whole
+    (then it is removed: a clip that is now a reject leaves no broken object behind).
+
+    safetensors checks at open that the header is complete and that the data covers every tensor
+    the header lists, so a file cut short anywhere fails here.
+    """
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            return int(f.get_slice(next(iter(f.keys()))).get_shape()[0])
+    except (SafetensorError, OSError, StopIteration) as e:
+        logger.warning("%s: unreadable encoded object (%s); removed, to be encoded again", path, e)
+        path.unlink(missing_ok=True)
+        return None
 
 
 def _sweep_temporaries(root: Path) -> int:
@@ -274,8 +303,9 @@ def encode_manifest(
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} audio-s [{elapsed}<{remaining}{postfix}]")
     for batch in batches:
         keys = [object_key(encoder.identity, it.utt.audio) for it in batch]
-        if all(object_path(root, k).exists() for k in keys):
-            rows += [_row(it, k, _object_frames(object_path(root, k))) for it, k in zip(batch, keys)]
+        frames = [_object_frames(object_path(root, k)) for k in keys]
+        if all(n is not None for n in frames):
+            rows += [_row(it, k, n) for it, k, n in zip(batch, keys, frames)]
             done_before += len(batch)
             bar.update(sum(it.seconds for it in batch))
             continue
