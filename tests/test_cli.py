@@ -63,6 +63,44 @@ def test_transcribe_reports_each_kind_of_bad_audio_in_one_line(fsdd, tiny_model_
     assert "Traceback" not in r.stderr and r.stdout == ""
 
 
+def fsdd_recording(path, seconds: float):
+    """Real speech of a given length: jackson's FSDD digits one after another, cut to `seconds` (8 kHz WAV)."""
+    waves, total = [], 0
+    for f in sorted(FSDD_REC.glob("*_jackson_*.wav")):
+        wave, rate = sf.read(f, dtype="float32")
+        waves.append(wave)
+        total += len(wave)
+        if total >= seconds * rate:
+            break
+    sf.write(path, np.concatenate(waves)[: int(seconds * rate)], rate, subtype="PCM_16")
+    return path
+
+
+def fsdd_cut(path, n_samples: int):
+    """The first `n_samples` of a real FSDD clip (8 kHz): 100 samples are 12.5 ms."""
+    wave, rate = sf.read(FSDD_REC / "7_jackson_0.wav", dtype="float32")
+    sf.write(path, wave[:n_samples], rate, subtype="PCM_16")
+    return path
+
+
+TOO_LONG = " s long; this model's encoder (whisper) takes at most 30.0 s; split it with `earful data segment`"
+
+
+def test_transcribe_refuses_audio_the_encoder_would_cut_or_cannot_read(fsdd, tiny_model_dir, tmp_path):
+    """Whisper reads 30 s: a 31 s or 60 s file is refused with the limit and the fix, never cut to its
+    first 30 s; a 100-sample clip is refused too; the rest of the batch, a 29 s file included, is transcribed."""
+    f31, f60, f29 = (fsdd_recording(tmp_path / f"rec{n}s.wav", n) for n in (31, 60, 29))
+    short, good = fsdd_cut(tmp_path / "cut100.wav", 100), FSDD_REC / "3_george_1.wav"
+    r = run_cli("transcribe", "--model", tiny_model_dir, f31, short, f29, f60, good, "--batch-size", "4")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert [line.split("\t")[0] for line in r.stdout.splitlines()] == [str(f29), str(good)]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 3, r.stderr
+    assert f"error: {f31}: 31.0{TOO_LONG} [AudioTooLong]" in errors and f"error: {f60}: 60.0{TOO_LONG} [AudioTooLong]" in errors
+    assert any(line.startswith(f"error: {short}: 200 samples") and line.endswith("[AudioTooShort]") for line in errors), errors
+    assert "max_seconds" not in r.stderr  # transcribe has no such option to raise
+
+
 def test_transcribe_goes_on_past_a_bad_file(fsdd, tiny_model_dir, tmp_path):
     bad = bad_files(tmp_path)["AudioCorrupt"]
     good = FSDD_REC / "3_george_1.wav"
@@ -89,6 +127,35 @@ def test_eval_asr_report_with_a_reject(fsdd, tiny_model_dir, tmp_path):
     assert report["rejects"][0]["error"] == "AudioCorrupt"
     assert 0 <= report["cer"] and report["wer"] >= 0.5  # an untrained model does not read digits
     assert {"id", "reference", "hypothesis", "correct"} <= set(report["utterances"][0])
+
+
+def test_eval_asr_records_clips_too_long_or_too_short_for_the_encoder(fsdd, tiny_model_dir, tmp_path):
+    rows = [Utterance(audio=str(fsdd_recording(tmp_path / "rec31s.wav", 31)), text="seven", id="long31"),
+            Utterance(audio=str(fsdd_recording(tmp_path / "rec29s.wav", 29)), text="seven", id="long29"),
+            Utterance(audio=str(fsdd_cut(tmp_path / "cut100.wav", 100)), text="seven", id="cut100"),
+            Utterance(audio=str(FSDD_REC / "7_jackson_0.wav"), text="seven", id="good")]
+    write_manifest(rows, tmp_path / "m.jsonl")
+    r = run_cli("eval", "asr", "--model", tiny_model_dir, "--data", tmp_path / "m.jsonl", "--out", tmp_path / "report.json", "--batch-size", "4")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["n"] == 2 and [u["id"] for u in report["utterances"]] == ["long29", "good"]
+    rejects = {x["id"]: x for x in report["rejects"]}
+    assert report["rejected"] == 2 and set(rejects) == {"long31", "cut100"}
+    assert rejects["long31"]["error"] == "AudioTooLong" and rejects["long31"]["reason"] == f"31.0{TOO_LONG}"
+    assert rejects["cut100"]["error"] == "AudioTooShort" and "needs at least 201" in rejects["cut100"]["reason"]
+
+
+def test_data_encode_rejects_a_clip_longer_than_the_encoder_takes(fsdd, tiny_model_dir, tmp_path):
+    """A 60 s clip used to be stored as 1,500 frames (its first 30 s) under a row saying 60 s."""
+    rows = [Utterance(audio=str(fsdd_recording(tmp_path / "rec60s.wav", 60)), text="x", id="long60"),
+            Utterance(audio=str(fsdd_recording(tmp_path / "rec29s.wav", 29)), text="x", id="long29")]
+    write_manifest(rows, tmp_path / "m.jsonl")
+    r = run_cli("data", "encode", "--data", tmp_path / "m.jsonl", "--encoder", tiny_model_dir, "--out", tmp_path / "store")
+    assert r.returncode == 0, r.stderr[-3000:]
+    index = [json.loads(line) for line in (tmp_path / "store" / "index.jsonl").read_text().splitlines()]
+    rejects = [json.loads(line) for line in (tmp_path / "store" / "rejects.jsonl").read_text().splitlines()]
+    assert [(x["id"], x["frames"]) for x in index] == [("long29", 1450)]  # 29 s at 50 Hz, whole
+    assert [(x["id"], x["error"], x["reason"]) for x in rejects] == [("long60", "AudioTooLong", f"60.0{TOO_LONG}")]
 
 
 def test_normaliser_matches_numerals_and_words():

@@ -312,7 +312,12 @@ def encode_manifest(
         waves, kept = [], []
         for it, k in zip(batch, keys):
             try:
-                waves.append(load_audio(it.utt.audio, encoder.sampling_rate, max_seconds=max_seconds, min_seconds=MIN_SECONDS))
+                wave = load_audio(it.utt.audio, encoder.sampling_rate, max_seconds=max_seconds, min_seconds=MIN_SECONDS)
+                if encoder.kind == "hidden":  # a clip the encoder cannot take whole is a reject, never cut to fit
+                    from ..models.processing import check_audio_length
+
+                    check_audio_length(encoder.feature_extractor, encoder.config, len(wave), it.utt.audio)
+                waves.append(wave)
                 kept.append((it, k))
             except AudioError as e:
                 rejects.append({"pos": it.pos, "id": it.utt.id, "audio": it.utt.audio, "error": type(e).__name__, "reason": e.reason})

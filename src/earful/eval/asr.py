@@ -13,16 +13,35 @@ from functools import lru_cache
 from pathlib import Path
 
 import jiwer
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .. import atomic
-from ..audio import AudioError, load_audio
+from ..audio import AudioError, audio_duration, load_audio
 from ..data.dataset import length_grouped_batches
 from ..data.manifest import Utterance
-from ..models.processing import DEFAULT_PROMPT
+from ..errors import EarfulError
+from ..models.processing import DEFAULT_PROMPT, check_audio_length, max_audio_seconds
 
 logger = logging.getLogger(__name__)
+
+
+class NothingToScore(EarfulError, ValueError):
+    """No utterance of the manifest could be read and scored."""
+
+
+def load_clip(path: str | Path, feature_extractor, encoder_config) -> np.ndarray:
+    """A file as this encoder takes it: float32 mono at its rate, (T,), within its length limits.
+
+    Raises an `AudioError`: unreadable, or too long / too short for the encoder (never cut to fit).
+    """
+    rate, limit = feature_extractor.sampling_rate, max_audio_seconds(feature_extractor, encoder_config)
+    if limit is not None and (seconds := audio_duration(path)) > limit:  # refused from the header, never decoded
+        check_audio_length(feature_extractor, encoder_config, round(seconds * rate), str(path))
+    wave = load_audio(path, rate)  # the default max_seconds bounds what one decode may hold
+    check_audio_length(feature_extractor, encoder_config, len(wave), str(path))
+    return wave
 
 
 @lru_cache(maxsize=1)
@@ -55,17 +74,22 @@ def evaluate_asr(
     prompt: str = DEFAULT_PROMPT,
     batch_size: int = 16,
     max_new_tokens: int = 32,
-    max_seconds: float | None = 30.0,
 ) -> dict:
-    """Transcribe every utterance and score the corpus. Unreadable audio is recorded, not fatal."""
+    """Transcribe every utterance and score the corpus.
+
+    Audio that is unreadable, or too long or too short for the encoder, is recorded in `rejects`
+    with the reason, not fatal.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, found {batch_size}")
     start = time.perf_counter()
     waves, kept, rejects = [], [], []
     for u in utterances:
         try:
-            waves.append(load_audio(u.audio, processor.sampling_rate, max_seconds=max_seconds))
+            waves.append(load_clip(u.audio, processor.feature_extractor, processor.config.encoder_config))
             kept.append(u)
         except AudioError as e:
-            rejects.append({"audio": u.audio, "error": type(e).__name__, "reason": e.reason})
+            rejects.append({"id": u.id, "audio": u.audio, "error": type(e).__name__, "reason": e.reason})
             logger.warning("skipping %s", e)
     hyps: list[str] = [""] * len(kept)
     lengths = [len(w) for w in waves]
@@ -82,7 +106,8 @@ def evaluate_asr(
             refs_n.append(r_n)
             hyps_n.append(h_n)
     if not refs_n:
-        raise ValueError("no utterance with a non-empty transcript could be read: nothing to score")
+        why = f"; {len(rejects)} rejected, the first: {rejects[0]['audio']}: {rejects[0]['reason']}" if rejects else ""
+        raise NothingToScore(f"no utterance with a non-empty transcript could be read: nothing to score{why}")
     report = {
         "wer": jiwer.wer(refs_n, hyps_n),
         "cer": jiwer.cer(refs_n, hyps_n),

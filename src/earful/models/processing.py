@@ -32,8 +32,55 @@ class PromptFormat:
     default_prompt: str = DEFAULT_PROMPT  # the user turn the model was trained with; transcribe/eval reuse it
 
 
-def clip_features(feature_extractor, encoder_config, wave: np.ndarray) -> np.ndarray:
-    """One clip's features, time on the last axis: (F, T) mel frames (Whisper: no 30 s padding) or (T,) samples."""
+def max_audio_seconds(feature_extractor, encoder_config) -> float | None:
+    """The longest clip this encoder reads whole, in seconds; None where it has no limit (wav2vec2, HuBERT).
+
+    Whisper's feature extractor stops at `n_samples` (30 s) and its positional embeddings at
+    `max_source_positions` frames (1,500 at 50 Hz, the same 30 s); anything longer would be cut.
+    """
+    if encoder_config.model_type != "whisper":
+        return None
+    samples = encoder_config.max_source_positions * 2 * feature_extractor.hop_length  # conv2 has stride 2
+    return min(feature_extractor.n_samples, samples) / feature_extractor.sampling_rate
+
+
+def min_audio_samples(feature_extractor, encoder_config) -> int:
+    """The fewest samples (at the extractor's rate) that give the encoder one frame."""
+    if encoder_config.model_type == "whisper":
+        return feature_extractor.n_fft // 2 + 1  # the STFT's reflect padding needs more samples than half a window
+    n = 1
+    for kernel, stride in reversed(list(zip(encoder_config.conv_kernel, encoder_config.conv_stride))):
+        n = (n - 1) * stride + kernel  # the convolutional front end's receptive field
+    return n
+
+
+def check_audio_length(feature_extractor, encoder_config, n_samples: int, name: str = "<audio>") -> None:
+    """Raise `AudioTooLong` / `AudioTooShort` for a clip of `n_samples` (at the extractor's rate) that
+    the encoder would cut or could not read.
+
+    TODO: long-form audio (a window per 30 s, its own issue) lifts the upper limit; until then
+    nothing may take more audio than it uses.
+    """
+    from ..audio import AudioTooLong, AudioTooShort
+
+    rate = feature_extractor.sampling_rate
+    limit = max_audio_seconds(feature_extractor, encoder_config)
+    if limit is not None and n_samples > round(limit * rate):
+        raise AudioTooLong(name, f"{n_samples / rate:.1f} s long; this model's encoder ({encoder_config.model_type}) takes "
+                                 f"at most {limit:.1f} s; split it with `earful data segment`")
+    shortest = min_audio_samples(feature_extractor, encoder_config)
+    if n_samples < shortest:
+        raise AudioTooShort(name, f"{n_samples} samples ({n_samples / rate * 1000:.1f} ms) at {rate} Hz; this model's encoder "
+                                  f"({encoder_config.model_type}) needs at least {shortest} ({shortest / rate * 1000:.1f} ms); drop the clip")
+
+
+def clip_features(feature_extractor, encoder_config, wave: np.ndarray, name: str = "<audio>") -> np.ndarray:
+    """One clip's features, time on the last axis: (F, T) mel frames (Whisper: no 30 s padding) or (T,) samples.
+
+    A clip longer than the encoder takes (`max_audio_seconds`) or too short to give it one frame
+    raises `AudioTooLong` / `AudioTooShort` naming `name`: it is never silently cut.
+    """
+    check_audio_length(feature_extractor, encoder_config, len(wave), name)
     kwargs = {"sampling_rate": feature_extractor.sampling_rate, "return_tensors": "np"}
     if encoder_config.model_type == "whisper":
         out = feature_extractor(wave, padding="longest", **kwargs)
@@ -56,7 +103,7 @@ def pad_features(feats: list[np.ndarray]) -> dict[str, torch.Tensor]:
 
 def featurize(feature_extractor, encoder_config, waves: list[np.ndarray]) -> dict[str, torch.Tensor]:
     """Each clip's features alone, then padded to the longest with a mask (`clip_features` + `pad_features`)."""
-    return pad_features([clip_features(feature_extractor, encoder_config, w) for w in waves])
+    return pad_features([clip_features(feature_extractor, encoder_config, w, f"<audio {i}>") for i, w in enumerate(waves)])
 
 
 class SpeechLMProcessor:

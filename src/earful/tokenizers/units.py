@@ -95,11 +95,9 @@ class LayerFeatures:
         return self.sampling_rate / float(np.prod(self.config.conv_stride))
 
     def _input(self, wave: np.ndarray) -> np.ndarray:
-        kwargs = {"sampling_rate": self.sampling_rate, "return_tensors": "np"}
-        if self.config.model_type == "whisper":
-            return self.feature_extractor(wave, padding="longest", **kwargs)["input_features"][0]  # (F, T), no 30 s padding
-        out = self.feature_extractor(wave, **kwargs)
-        return out["input_values"][0]  # (T,)
+        from ..models.processing import clip_features
+
+        return clip_features(self.feature_extractor, self.config, wave)  # (F, T), no 30 s padding, or (T,); never cut
 
     @torch.no_grad()
     def __call__(self, waves: list[np.ndarray]) -> list[np.ndarray]:
