@@ -1,14 +1,15 @@
 """`earful <stage> <verb>`: every stage of a speech LM's life from the command line.
 
 Each verb is a plain function; its docstring is its help. Errors in what the user gave (a bad
-audio file, recipe, manifest or model spec) print one line and exit with status 2; anything else
-is a bug and keeps its traceback.
+option, audio file, recipe, manifest or model spec: any `EarfulError`) print one line and exit
+with status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 
@@ -19,6 +20,11 @@ logger = logging.getLogger("earful")
 
 class UsageError(EarfulError):
     """A problem with what the user gave, reported in one line."""
+
+
+def _check_prompt(prompt: str | None) -> None:
+    if prompt is not None and prompt.count("<|audio|>") != 1:
+        raise UsageError(f"--prompt: must hold exactly one <|audio|> (where the clip goes), found {prompt.count('<|audio|>')} in {prompt!r}")
 
 
 # -- verbs --------------------------------------------------------------------------------------
@@ -63,6 +69,8 @@ def data_ingest(sources: list[str], out: str, transcripts: str | None = None, mi
     """
     from .data.ingest import IngestError, ingest
 
+    if min_seconds >= max_seconds:
+        raise UsageError(f"--min-seconds {min_seconds:g} must be less than --max-seconds {max_seconds:g}")
     try:
         s = ingest(sources, out, transcripts=transcripts, min_seconds=min_seconds, max_seconds=max_seconds,
                    silence_dbfs=silence_dbfs, enable_file_urls=enable_file_urls)
@@ -82,6 +90,8 @@ def data_segment(inputs: list[str], out: str, by: str = "fixed", seconds: float 
     """
     from .data.segment import segment
 
+    if by == "vad" and min_seconds >= max_seconds:
+        raise UsageError(f"--min-seconds {min_seconds:g} must be less than --max-seconds {max_seconds:g}")
     s = segment(inputs, out, by=by, seconds=seconds, min_seconds=min_seconds, max_seconds=max_seconds, reencode=reencode)
     print(f"{out}/manifest.jsonl: {s['in']} recordings ({s['audio_seconds_in'] / 60:.1f} min) -> {s['segments']} segments "
           f"({s['audio_seconds_out'] / 60:.1f} min), {s['rejected']} rejected; {s['real_time_factor']}x real time")
@@ -109,18 +119,20 @@ def data_synth(out: str, text: str | None = None, instructions: str | None = Non
     return 0
 
 
-def data_encode(data: str, out: str, encoder: str, batch_size: int = 16, max_seconds: float = 600.0) -> int:
+def data_encode(data: str, out: str, encoder: str, batch_size: int = 16, max_seconds: float | None = None) -> int:
     """Pre-encode a manifest's audio with a frozen encoder (or an audio tokenizer) into OUT.
 
     ENCODER is an encoder spec (bundled:whisper-tiny.en, facebook/hubert-base-ls960, a folder), a
     trained earful model folder (its encoder), or an earful audio tokenizer folder (token ids).
     Objects are content-addressed (audio bytes + encoder identity): a rerun skips what is done.
     Under `torchrun --nproc_per_node N -m earful data encode ...` the ranks split the batches.
+    Clips longer than the encoder takes whole (Whisper: 30 s) are rejected, never cut.
     Writes OUT/index.jsonl, OUT/rejects.jsonl, OUT/summary.json.
     """
+    from .audio import DEFAULT_MAX_SECONDS
     from .data.shards import encode_manifest
 
-    s = encode_manifest(data, out, encoder, batch_size=batch_size, max_seconds=max_seconds)
+    s = encode_manifest(data, out, encoder, batch_size=batch_size, max_seconds=DEFAULT_MAX_SECONDS if max_seconds is None else max_seconds)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{out}: {s['in']} in = {s['out']} encoded ({s['encoded']} now, {s['already_done']} already done) + "
               f"{s['rejected']} rejected; {s['audio_hours'] * 60:.1f} min of audio, {s['encoded_audio_hours_per_hour']} audio-h/h")
@@ -136,9 +148,11 @@ def train_cmd(recipe: str, out: str, set: list[str] | None = None, resume: bool 
     each batch (train.parallel: ddp, or fsdp to shard the model); rank 0 writes logs and the model.
     """
     from .train.recipe import load_recipe
+
+    loaded = load_recipe(recipe, set or [])  # every problem in the recipe is reported before anything loads
     from .train.trainer import train
 
-    summary = train(load_recipe(recipe, set or []), out, resume=resume)
+    summary = train(loaded, out, resume=resume)
     if summary.get("rank", 0) != 0:
         return
     print(f"trained {summary['steps']} steps in {summary['train_seconds']:.0f} s "
@@ -146,12 +160,18 @@ def train_cmd(recipe: str, out: str, set: list[str] | None = None, resume: bool 
 
 
 def eval_asr(model: str, data: str, out: str, batch_size: int = 16, prompt: str | None = None, limit: int | None = None) -> None:
-    """Transcribe a manifest and write corpus WER/CER (Whisper-normalised) to a JSON report."""
+    """Transcribe a manifest and write corpus WER/CER (Whisper-normalised) to a JSON report.
+
+    Clips that cannot be read, or are too long or too short for the model's encoder (Whisper: 30 s
+    at most), are listed under "rejects" with the reason; the rest are scored.
+    """
     from .data.manifest import read_manifest
     from .eval.asr import evaluate_asr, write_report
     from .models.build import load_speech_lm
 
-    utts = read_manifest(data)[:limit] if limit else read_manifest(data)
+    _check_prompt(prompt)
+    utts = read_manifest(data)
+    utts = utts if limit is None else utts[:limit]
     lm, processor = load_speech_lm(model)
     report = evaluate_asr(lm, processor, utts, prompt=prompt or processor.prompt_format.default_prompt, batch_size=batch_size)
     report = {"model": str(model), "data": str(data), **report}
@@ -160,13 +180,21 @@ def eval_asr(model: str, data: str, out: str, batch_size: int = 16, prompt: str 
           f"on {report['n']} utterances ({report['rejected']} rejected) -> {out}")
 
 
-def _load_clips(files: list[str], sampling_rate: int) -> tuple[list, list[str], int]:
+def _load_clips(files: list[str], sampling_rate: int | None = None, *, front=None) -> tuple[list, list[str], int]:
+    """Each file decoded, each bad one reported in one line on stderr: (waves, their files, failures).
+
+    With `front` = (feature extractor, encoder config) a clip must also fit that encoder (`load_clip`).
+    """
     from .audio import AudioError, load_audio
+    from .eval.asr import load_clip
 
     waves, names, failures = [], [], 0
     for f in files:
         try:
-            waves.append(load_audio(f, sampling_rate))
+            if front is not None:
+                waves.append(load_clip(f, *front))
+            else:
+                waves.append(load_audio(f, sampling_rate))
             names.append(f)
         except AudioError as e:
             print(f"error: {e} [{type(e).__name__}]", file=sys.stderr)
@@ -174,15 +202,32 @@ def _load_clips(files: list[str], sampling_rate: int) -> tuple[list, list[str], 
     return waves, names, failures
 
 
+def _audio_front(model: str):
+    """(feature extractor, encoder config) of a saved listening LM, read without loading its weights."""
+    from transformers import AutoFeatureExtractor
+
+    from .models.configuration import SpeechLMConfig
+    from .models.processing import SpeechLMProcessor
+    from .pretrained import resolve
+
+    SpeechLMProcessor.from_pretrained_sampling_rate(model)  # names a folder that is no earful model
+    folder = resolve(str(model))
+    return AutoFeatureExtractor.from_pretrained(folder), SpeechLMConfig.from_pretrained(folder).encoder_config
+
+
 def transcribe(model: str, files: list[str], prompt: str | None = None, batch_size: int = 8) -> int:
-    """Print 'FILE<TAB>transcript' for each audio file. Unreadable files are reported and skipped."""
+    """Print 'FILE<TAB>transcript' for each audio file.
+
+    Files that cannot be read, or are too long or too short for the model's encoder (Whisper: 30 s
+    at most; split longer recordings with `earful data segment`), are reported on stderr and
+    skipped (exit status 1); the rest are still transcribed.
+    """
     from .eval.asr import generate_text
     from .models.build import load_speech_lm
-    from .models.processing import SpeechLMProcessor
 
-    # Check every file before paying for the model; the processor says which rate it wants.
-    sr = SpeechLMProcessor.from_pretrained_sampling_rate(model)
-    waves, names, failures = _load_clips(files, sr)
+    _check_prompt(prompt)
+    # Check every file before paying for the model.
+    waves, names, failures = _load_clips(files, front=_audio_front(model))
     if waves:
         lm, processor = load_speech_lm(model)
         for start in range(0, len(waves), batch_size):
@@ -198,10 +243,10 @@ def chat(model: str, audio: str, prompt: str | None = None, max_new_tokens: int 
     from .data.dataset import AUDIO_TOKEN
     from .eval.asr import generate_text
     from .models.build import load_speech_lm
-    from .models.processing import SpeechLMProcessor
 
-    sr = SpeechLMProcessor.from_pretrained_sampling_rate(model)
-    waves, _, failures = _load_clips([audio], sr)
+    if prompt is not None and prompt.count(AUDIO_TOKEN) > 1:
+        raise UsageError(f"--prompt: one clip, so at most one {AUDIO_TOKEN}; found {prompt.count(AUDIO_TOKEN)} in {prompt!r}")
+    waves, _, failures = _load_clips([audio], front=_audio_front(model))
     if failures:
         return 1
     lm, processor = load_speech_lm(model)
@@ -231,6 +276,8 @@ def units_fit(data: str, k: str, out: str, layer: int | None = None, encoder: st
         raise UsageError(f"--k: expected a number or a comma-separated list (100,500), found {k!r}") from None
     if not ks:
         raise UsageError("--k: give at least one number of units")
+    if ks[0] < 2:
+        raise UsageError(f"--k: a tokenizer needs at least 2 units, found {ks[0]}")
     paths = [u.audio for u in read_manifest(data)]
     try:
         tokenizers = fit_unit_tokenizers(paths, ks, encoder, layer, dedup, seed, cache or f"{out}/features")
@@ -343,7 +390,13 @@ def eval_genppl(files: list[str], out: str, asr: str = "bundled:whisper-tiny.en"
     from .eval.asr import write_report
     from .eval.generation import auto_bleu, corpus_auto_bleu, gen_ppl, transcribe_whisper
 
-    waves, names, failures = _load_clips(files, 16000)
+    from transformers import AutoConfig, AutoFeatureExtractor
+
+    from .pretrained import resolve
+
+    # The ASR model's own limits (Whisper: 30 s): a longer clip would be scored on its first 30 s.
+    folder = resolve(asr)
+    waves, names, failures = _load_clips(files, front=(AutoFeatureExtractor.from_pretrained(folder), AutoConfig.from_pretrained(folder)))
     if not waves:
         return 1
     texts = transcribe_whisper(waves, asr)
@@ -363,7 +416,8 @@ def eval_units_asr(model: str, data: str, out: str, batch_size: int = 16, limit:
     from .eval.units_asr import evaluate_units_asr
     from .train.units import tokenize_audio
 
-    utts = read_manifest(data)[:limit] if limit else read_manifest(data)
+    utts = read_manifest(data)
+    utts = utts if limit is None else utts[:limit]
     lm = _load_unit_lm(model)
     if lm.audio_tokenizer is None:
         raise UsageError(f"{model}: saved without an audio tokenizer (audio_tokenizer/), so it cannot read audio")
@@ -384,12 +438,57 @@ def _load_unit_lm(model: str):
 
 
 # -- argument parsing ---------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, like every other error: status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _int(low: int):
+    """An argparse type: a whole number >= `low`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, found {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, found {value}")
+        return value
+
+    return parse
+
+
+def _float(low: float | None = None, high: float | None = None, *, above: bool = False):
+    """An argparse type: a finite number >= `low` (> `low` with `above`) and <= `high`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, found {text!r}")
+        if low is not None and (value <= low if above else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {low:g}, found {value:g}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high:g}, found {value:g}")
+        return value
+
+    return parse
+
+
+_COUNT = _int(1)  # batch sizes, limits, beams, tokens: at least one
+_SECONDS = _float(0, above=True)
+
+
 def _doc(fn) -> str:
     return (fn.__doc__ or "").strip()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="earful", description="Turn a pretrained text LLM into a speech LM: data, training, evaluation, use.")
+    p = _Parser(prog="earful", description="Turn a pretrained text LLM into a speech LM: data, training, evaluation, use.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     stages = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
@@ -402,31 +501,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=lambda a: data_prepare_fsdd(a.folder, a.out, a.speakers))
     s = prep.add_parser("tts-digits", help=_doc(data_prepare_tts_digits).splitlines()[0], description=_doc(data_prepare_tts_digits))
     s.add_argument("out_dir")
-    s.add_argument("--per-digit", type=int, default=20, help="clips per digit (default 20)")
+    s.add_argument("--per-digit", type=_COUNT, default=20, help="clips per digit (default 20)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=lambda a: data_prepare_tts_digits(a.out_dir, a.per_digit, a.seed))
 
     s = prep.add_parser("tts-storycloze", help=_doc(data_prepare_tts_storycloze).splitlines()[0], description=_doc(data_prepare_tts_storycloze))
     s.add_argument("out_dir")
-    s.add_argument("--limit", type=int, help="only the first N stories")
+    s.add_argument("--limit", type=_COUNT, help="only the first N stories")
     s.set_defaults(fn=lambda a: data_prepare_tts_storycloze(a.out_dir, a.limit))
 
     s = data.add_parser("ingest", help=_doc(data_ingest).splitlines()[0], description=_doc(data_ingest), formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("sources", nargs="+", metavar="SOURCE")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--transcripts", help="CSV of audio,text for folder sources")
-    s.add_argument("--min-seconds", type=float, default=0.1, help="shorter clips are rejected (default 0.1)")
-    s.add_argument("--max-seconds", type=float, default=600.0, help="longer clips are rejected (default 600; segment long recordings first)")
-    s.add_argument("--silence-dbfs", type=float, default=-60.0, help="clips whose peak is below this are rejected as silent (default -60)")
+    s.add_argument("--min-seconds", type=_float(0), default=0.1, help="shorter clips are rejected (default 0.1)")
+    s.add_argument("--max-seconds", type=_SECONDS, default=600.0, help="longer clips are rejected (default 600; segment long recordings first)")
+    s.add_argument("--silence-dbfs", type=_float(high=0), default=-60.0, help="clips whose peak is below this are rejected as silent (default -60)")
     s.add_argument("--enable-file-urls", action="store_true", help="let yt-dlp fetch file:// URLs")
     s.set_defaults(fn=lambda a: data_ingest(a.sources, a.out, a.transcripts, a.min_seconds, a.max_seconds, a.silence_dbfs, a.enable_file_urls))
     s = data.add_parser("segment", help=_doc(data_segment).splitlines()[0], description=_doc(data_segment), formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("inputs", nargs="+", metavar="INPUT")
     s.add_argument("--out", required=True)
     s.add_argument("--by", choices=("fixed", "vad"), default="fixed")
-    s.add_argument("--seconds", type=float, default=30.0, help="slice length for --by fixed (default 30)")
-    s.add_argument("--min-seconds", type=float, default=1.0, help="--by vad: drop shorter regions (default 1)")
-    s.add_argument("--max-seconds", type=float, default=30.0, help="--by vad: merge regions up to this (default 30)")
+    s.add_argument("--seconds", type=_SECONDS, default=30.0, help="slice length for --by fixed (default 30)")
+    s.add_argument("--min-seconds", type=_float(0), default=1.0, help="--by vad: drop shorter regions (default 1)")
+    s.add_argument("--max-seconds", type=_SECONDS, default=30.0, help="--by vad: merge regions up to this (default 30)")
     s.add_argument("--reencode", action="store_true", help="--by fixed: decode and encode again instead of stream copy")
     s.set_defaults(fn=lambda a: data_segment(a.inputs, a.out, a.by, a.seconds, a.min_seconds, a.max_seconds, a.reencode))
     s = data.add_parser("synth", help=_doc(data_synth).splitlines()[0], description=_doc(data_synth), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -435,14 +534,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--instructions", help="instruction data (.jsonl or .parquet)")
     s.add_argument("--voices", help="comma list (default: piper,espeak:en-us+m3,espeak:en+f2,espeak:en-gb-scotland)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--limit", type=int, help="only the first N lines")
+    s.add_argument("--limit", type=_COUNT, help="only the first N lines")
     s.set_defaults(fn=lambda a: data_synth(a.out, a.text, a.instructions, a.voices, a.seed, a.limit))
     s = data.add_parser("encode", help=_doc(data_encode).splitlines()[0], description=_doc(data_encode), formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--data", required=True, help="manifest to encode")
     s.add_argument("--out", required=True, help="store folder (objects/, index.jsonl, rejects.jsonl, summary.json)")
     s.add_argument("--encoder", required=True, help="encoder spec, trained model folder, or audio tokenizer folder")
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--max-seconds", type=float, default=600.0, help="longer clips are rejected (default 600)")
+    s.add_argument("--batch-size", type=_COUNT, default=16)
+    s.add_argument("--max-seconds", type=_SECONDS, help="longer clips are rejected (default 600, and never more than the encoder takes whole: 30 s for Whisper)")
     s.set_defaults(fn=lambda a: data_encode(a.data, a.out, a.encoder, a.batch_size, a.max_seconds))
 
     s = stages.add_parser("train", help=_doc(train_cmd).splitlines()[0], description=_doc(train_cmd))
@@ -457,9 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="trained model folder")
     s.add_argument("--data", required=True, help="manifest with transcripts")
     s.add_argument("--out", required=True, help="JSON report to write")
-    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--batch-size", type=_COUNT, default=16)
     s.add_argument("--prompt", help="user turn holding <|audio|> (default: the training prompt)")
-    s.add_argument("--limit", type=int, help="score only the first N utterances")
+    s.add_argument("--limit", type=_COUNT, help="score only the first N utterances")
     s.set_defaults(fn=lambda a: eval_asr(a.model, a.data, a.out, a.batch_size, a.prompt, a.limit))
 
     units = stages.add_parser("units", help="speech units (k-means audio tokenizers)").add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -467,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="manifest whose audio the k-means is fitted on")
     s.add_argument("--k", required=True, help="number of units, or a comma-separated list (100,500)")
     s.add_argument("--out", required=True, help="tokenizer folder (a parent folder when several k)")
-    s.add_argument("--layer", type=int, help="encoder layer whose features are clustered (1 = first)")
+    s.add_argument("--layer", type=_int(1), help="encoder layer whose features are clustered (1 = first)")
     s.add_argument("--encoder", default="bundled:whisper-tiny.en", help="model spec of the speech encoder")
     s.add_argument("--no-dedup", dest="dedup", action="store_false", help="keep runs of the same unit (default: collapse them)")
     s.add_argument("--seed", type=int, default=0)
@@ -479,14 +578,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="pairs file (JSON Lines: correct, wrong, group)")
     s.add_argument("--out", required=True, help="JSON report to write")
     s.add_argument("--score", choices=("sum", "mean"), default="sum", help="summed or mean token log-likelihood")
-    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--batch-size", type=_COUNT, default=16)
     s.set_defaults(fn=lambda a: eval_pairs(a.model, a.data, a.out, a.score, a.batch_size))
     s = ev.add_parser("units-asr", help=_doc(eval_units_asr).splitlines()[0], description=_doc(eval_units_asr))
     s.add_argument("--model", required=True, help="units LM trained on the asr format")
     s.add_argument("--data", required=True, help="manifest with transcripts")
     s.add_argument("--out", required=True, help="JSON report to write")
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--limit", type=int, help="score only the first N utterances")
+    s.add_argument("--batch-size", type=_COUNT, default=16)
+    s.add_argument("--limit", type=_COUNT, help="score only the first N utterances")
     s.set_defaults(fn=lambda a: eval_units_asr(a.model, a.data, a.out, a.batch_size, a.limit))
     s = ev.add_parser("genppl", help=_doc(eval_genppl).splitlines()[0], description=_doc(eval_genppl))
     s.add_argument("files", nargs="+", metavar="FILE")
@@ -499,28 +598,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="trained units LM folder")
     s.add_argument("--audio", required=True, help="spoken prompt")
     s.add_argument("--out", required=True, help="ids.json or out.wav")
-    s.add_argument("--max-new-tokens", type=int, default=100)
+    s.add_argument("--max-new-tokens", type=_COUNT, default=100)
     s.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=50)
+    s.add_argument("--temperature", type=_float(0, above=True), default=0.8)
+    s.add_argument("--top-k", type=_COUNT, default=50)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=lambda a: generate_cmd(a.model, a.audio, a.out, a.max_new_tokens, a.greedy, a.temperature, a.top_k, a.seed))
 
     s = stages.add_parser("transcribe", help=_doc(transcribe).splitlines()[0], description=_doc(transcribe))
     s.add_argument("--model", required=True)
     s.add_argument("files", nargs="+", metavar="FILE")
-    s.add_argument("--prompt")
-    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--prompt", help="user turn holding <|audio|> (default: the training prompt)")
+    s.add_argument("--batch-size", type=_COUNT, default=8)
     s.set_defaults(fn=lambda a: transcribe(a.model, a.files, a.prompt, a.batch_size))
 
     s = stages.add_parser("chat", help=_doc(chat).splitlines()[0], description=_doc(chat))
     s.add_argument("--model", required=True)
     s.add_argument("--audio", required=True)
     s.add_argument("--prompt", help="what to ask (default: transcribe)")
-    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--max-new-tokens", type=_COUNT, default=128)
     s.add_argument("--sample", action="store_true", help="sample instead of greedy/beam decoding")
-    s.add_argument("--temperature", type=float, default=0.7)
-    s.add_argument("--num-beams", type=int, default=1)
+    s.add_argument("--temperature", type=_float(0, above=True), default=0.7, help="with --sample (default 0.7)")
+    s.add_argument("--num-beams", type=_COUNT, default=1)
     s.set_defaults(fn=lambda a: chat(a.model, a.audio, a.prompt, a.max_new_tokens, a.sample, a.temperature, a.num_beams))
 
     s = stages.add_parser("serve", help=_doc(serve).splitlines()[0], description=_doc(serve), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -545,14 +644,9 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()  # transformers' own notices drown the run's progress
     hf_logging.disable_progress_bar()
 
-    from .audio import AudioError
-    from .data.manifest import ManifestError
-    from .pretrained import ModelSpecError
-    from .train.recipe import RecipeError
-
     try:
         return args.fn(args) or 0
-    except (UsageError, AudioError, ManifestError, ModelSpecError, RecipeError, FileNotFoundError) as e:
+    except (EarfulError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
