@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -46,11 +47,11 @@ def bad_inputs(folder: Path) -> dict[str, str]:
             "tiny": "AudioTooShort", "too_long": "AudioTooLong"}
 
 
-def long_recording(path: Path, n: int = 40, gap: float = 0.8) -> Path:
+def long_recording(path: Path, n: int = 40, gap: float = 0.8, speaker: str = "nicolas") -> Path:
     """FSDD clips of one speaker end to end, with silence between: a 'long recording'."""
     parts = []
     for i in range(n):
-        w, sr = sf.read(FSDD_REC / f"{i % 10}_nicolas_{i // 10}.wav", dtype="float32")
+        w, sr = sf.read(FSDD_REC / f"{i % 10}_{speaker}_{i // 10}.wav", dtype="float32")
         parts += [w, np.zeros(int(gap * sr), np.float32)]
     sf.write(path, np.concatenate(parts), 8000, subtype="PCM_16")
     return path
@@ -132,6 +133,49 @@ def test_ingest_urls_with_yt_dlp(tmp_path):
     assert len(read_manifest(tmp_path / "out2" / "manifest.jsonl")) == 1
 
 
+def ffmpeg(*args) -> None:
+    from earful.data.ingest import ffmpeg_exe
+
+    subprocess.run([ffmpeg_exe(), "-nostdin", "-v", "error", "-y", *map(str, args)], check=True)
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    n = min(len(a), len(b))
+    return float(np.corrcoef(a[:n], b[:n])[0, 1])
+
+
+def test_ingest_files_of_one_name_from_different_folders_stay_apart(tmp_path):
+    """a/x.m4a ("three") and b/x.m4a ("eight") once became one audio/x.flac, both rows pointing at
+    "eight", with the id "x" twice. Each row must keep its own audio under its own id."""
+    from earful.audio import load_audio
+
+    spoken = {"a": "3_jackson_0", "b": "8_jackson_0", "c": "5_jackson_0", "d": "1_jackson_0"}
+    for folder, clip in spoken.items():
+        (tmp_path / folder).mkdir()
+        ffmpeg("-i", FSDD_REC / f"{clip}.wav", "-c:a", "aac", tmp_path / folder / "x.m4a")
+        (tmp_path / folder / "x.txt").write_text(clip)
+    # The same name again from a manifest, twice (two questions about one clip are two rows).
+    write_manifest([Utterance(audio=str(tmp_path / "d" / "x.m4a"), text=q, id="x") for q in ("one?", "again?")], tmp_path / "m.jsonl")
+    umask = os.umask(0o022)
+    try:
+        r = cli("data", "ingest", tmp_path / "a", tmp_path / "b", tmp_path / "c" / "x.m4a", tmp_path / "m.jsonl", "--out", tmp_path / "out")
+    finally:
+        os.umask(umask)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = read_manifest(tmp_path / "out" / "manifest.jsonl")
+    assert [u.id for u in rows][:3] == ["a/x", "b/x", "c/x"]  # relative to the folder the sources share
+    assert len({u.id for u in rows}) == len(rows) == 5 and all(u.id.startswith("x-") for u in rows[3:])
+    assert len({u.audio for u in rows[:4]}) == 4 and rows[3].audio == rows[4].audio  # one file per source file
+    for u in rows:
+        clip = u.text if u.text in spoken.values() else spoken["d"]
+        assert correlation(load_audio(u.audio), load_audio(FSDD_REC / f"{clip}.wav")) > 0.95, (u.id, u.audio)
+        assert stat.S_IMODE(os.stat(u.audio).st_mode) == 0o644  # as open() makes files under umask 022
+    assert all(stat.S_IMODE(os.stat(tmp_path / "out" / f).st_mode) == 0o644 for f in ("manifest.jsonl", "rejects.jsonl", "summary.json"))
+    again = cli("data", "ingest", tmp_path / "a", tmp_path / "b", tmp_path / "c" / "x.m4a", tmp_path / "m.jsonl", "--out", tmp_path / "out2")
+    assert again.returncode == 0 and [(u.id, Path(u.audio).name) for u in read_manifest(tmp_path / "out2" / "manifest.jsonl")] == \
+        [(u.id, Path(u.audio).name) for u in rows]  # the same names on every run
+
+
 def test_ingest_refuses_a_missing_source(tmp_path):
     r = cli("data", "ingest", tmp_path / "nope", "--out", tmp_path / "out")
     assert r.returncode == 2 and "no such file or folder" in r.stderr and "Traceback" not in r.stderr
@@ -148,6 +192,40 @@ def test_segment_fixed_by_stream_copy_keeps_every_sample(tmp_path):
     assert all(abs(u.duration - 10) < 0.2 for u in rows[:-1])
     joined = np.concatenate([sf.read(u.audio, dtype="int16")[0] for u in rows])
     assert np.array_equal(joined, sf.read(rec, dtype="int16")[0])  # copied, not re-encoded: bit-exact
+
+
+@pytest.mark.parametrize("by", ["fixed", "vad"])
+def test_segment_recordings_of_one_name_stay_apart(tmp_path, by):
+    """`segment a/x.wav b/x.wav` wrote both to x-00000, losing a's audio under a row that claimed it."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    from earful.audio import load_audio
+
+    for folder, speaker in (("a", "george"), ("b", "lucas")):
+        (tmp_path / folder).mkdir()
+        long_recording(tmp_path / folder / "x.wav", n=4, speaker=speaker)
+    r = cli("data", "segment", tmp_path / "a" / "x.wav", tmp_path / "b" / "x.wav", "--out", tmp_path / "seg", "--by", by,
+            "--seconds", 60, "--min-seconds", 0.2, "--max-seconds", 1)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = read_manifest(tmp_path / "seg" / "manifest.jsonl")
+    assert len({u.id for u in rows}) == len({u.audio for u in rows}) == len(rows) >= 2
+    assert {u.id.rsplit("-", 1)[0] for u in rows} == {"a/x", "b/x"}
+    for folder in ("a", "b"):
+        mine = [u for u in rows if u.id.startswith(f"{folder}/x-")]
+        if by == "fixed":  # one 60 s slice, copied: the recording itself
+            assert len(mine) == 1
+            assert np.array_equal(sf.read(mine[0].audio, dtype="int16")[0], sf.read(tmp_path / folder / "x.wav", dtype="int16")[0])
+            continue
+        # Each speech region is a stretch of this recording (at 16 kHz, as PCM 16), found by its loudest 64 samples.
+        recording = load_audio(tmp_path / folder / "x.wav", 16000)
+        assert len(mine) >= 2
+        for u in mine:
+            piece = sf.read(u.audio, dtype="float32")[0]
+            peak = min(max(int(np.argmax(np.abs(piece))), 32), len(piece) - 32)
+            hits = np.flatnonzero(np.abs(sliding_window_view(recording, 64) - piece[peak - 32 : peak + 32]).max(axis=1) < 1e-4)
+            assert len(hits) == 1, (u.id, len(hits))
+            start = hits[0] - (peak - 32)
+            np.testing.assert_allclose(piece, recording[start : start + len(piece)], atol=1e-4)
 
 
 def test_segment_by_voice_activity(tmp_path):

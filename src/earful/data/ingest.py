@@ -9,22 +9,30 @@ Sources (any mix, one command):
 - URLs (http(s), `file://` with --enable-file-urls) or search queries (`ytsearch3:...`), or a `.txt`
   file listing them, fetched with yt-dlp (the optional `ingest` extra).
 
-Every clip is decoded in full (so truncation and NaN are caught), its duration measured, and it
-is kept or rejected: unreadable, empty, not audio, non-finite, silent, too short or too long.
-Formats libsndfile cannot read (m4a, webm, opus, aac, ...) are converted to FLAC with the ffmpeg
-binary that `imageio-ffmpeg` ships. Writes OUT/manifest.jsonl, OUT/rejects.jsonl and
-OUT/summary.json (in = out + rejected), each atomically; fetched or extracted audio goes to
-OUT/audio/.
+Every clip is decoded in full by `earful.audio` (so truncation and NaN are caught, in every
+format, the way every other verb reads it), its duration measured, and it is kept or rejected:
+unreadable, empty, not audio, non-finite, silent, too short or too long. Kept clips in formats only
+ffmpeg reads (m4a, webm, aac, ...) are converted to FLAC, which the trainer then reads without a
+subprocess. Writes OUT/manifest.jsonl, OUT/rejects.jsonl and OUT/summary.json (in = out +
+rejected), each atomically; fetched, extracted or converted audio goes to OUT/audio/.
+
+Ids and file names are unique and the same on every run over the same sources: a file's id is its
+path, without the extension, relative to the folder all the file sources share (`a/x` and `b/x`
+for `a/x.m4a` and `b/x.m4a`; `x` when one folder is ingested); manifests keep their ids, datasets
+and URLs get theirs from the dataset and the site. An id that still repeats gets a tag of its
+file's path (`x-1f0c2a9e`), and written files always carry one, so two sources never write one file.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import os
 import re
 import subprocess
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +40,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .. import atomic
-from ..audio import DEFAULT_MAX_SECONDS, AudioError, load_audio
+from ..audio import DEFAULT_MAX_SECONDS, AudioError, find_ffmpeg, load_audio
 from .manifest import Utterance, read_manifest, write_manifest
 from ..errors import EarfulError
 
@@ -59,17 +67,70 @@ class Candidate:
     audio: str
     source: str
     text: str = ""
-    id: str | None = None
+    id: str | None = None  # None: named after its path relative to the sources' common folder
     speaker: str | None = None
     extra: dict = field(default_factory=dict)
+    root: str | None = None  # the folder its id is relative to at most (default: its own folder)
 
 
 def ffmpeg_exe() -> str:
-    try:
-        import imageio_ffmpeg
-    except ImportError:
-        raise IngestError("this needs ffmpeg: pip install 'earful[ingest]' (imageio-ffmpeg ships the binary)") from None
-    return imageio_ffmpeg.get_ffmpeg_exe()
+    exe = find_ffmpeg()
+    if exe is None:
+        raise IngestError("this needs ffmpeg: pip install 'earful[ingest]' (imageio-ffmpeg ships the binary)")
+    return exe
+
+
+# -- names ---------------------------------------------------------------------------------------
+def tag(text: str) -> str:
+    """8 hex digits of sha256: a short, stable mark that tells two sources apart."""
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def path_tag(path: str | Path) -> str:
+    """`tag` of the absolute path: files of one name in different folders get different tags."""
+    return tag(os.path.abspath(path))
+
+
+def safe_name(text: str, limit: int = 80) -> str:
+    """`text` as one file name: path separators and odd characters become `_`."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._")[:limit] or "clip"
+
+
+def relative_ids(paths: list[str], roots: list[str]) -> list[str]:
+    """Each path relative to the folder all `roots` share, without its extension (POSIX separators)."""
+    if not paths:
+        return []
+    common = os.path.commonpath([os.path.abspath(r) for r in roots])
+    return [Path(os.path.splitext(os.path.relpath(os.path.abspath(p), common))[0]).as_posix() for p in paths]
+
+
+def unique_ids(ids: list[str], paths: list[str]) -> list[str]:
+    """`ids` with each one that repeats made unique by its file's `path_tag`, then by -2, -3, ...
+    for the same file listed again; ids that do not repeat stay as they are."""
+    counts = Counter(ids)
+    out, used = [], set()
+    for i, p in zip(ids, paths):
+        base = i if counts[i] == 1 else f"{i}-{path_tag(p)}"
+        new, n = base, 1
+        while new in used:
+            n += 1
+            new = f"{base}-{n}"
+        used.add(new)
+        out.append(new)
+    repeated = sum(c for c in counts.values() if c > 1)
+    if repeated:
+        logger.info("%d clips shared an id with another; each now ends in a tag of its path", repeated)
+    return out
+
+
+def assign_ids(candidates: list[Candidate]) -> None:
+    """Give every candidate a unique id (see the module docstring), in place."""
+    unnamed = [c for c in candidates if not c.id]
+    ids = relative_ids([c.audio for c in unnamed], [c.root or str(Path(c.audio).parent) for c in unnamed])
+    for c, i in zip(unnamed, ids):
+        c.id = i
+    for c, i in zip(candidates, unique_ids([c.id for c in candidates], [c.audio for c in candidates])):
+        c.id = i
 
 
 # -- sources -> candidates ----------------------------------------------------------------------
@@ -103,12 +164,14 @@ def from_folder(folder: Path, transcripts: dict[str, str] | None) -> list[Candid
             text = transcripts.get(rel, transcripts.get(path.name, transcripts.get(path.stem)))
         if text is None:
             text = _sidecar_text(path)
-        out.append(Candidate(str(path), str(folder), text or "", id=rel.rsplit(".", 1)[0]))
+        out.append(Candidate(os.path.abspath(path), str(folder), text or "", root=os.path.abspath(folder)))
     return out
 
 
 def from_csv(path: Path) -> list[Candidate]:
-    return [Candidate(str((path.parent / a).resolve()), str(path), t, id=Path(a).stem) for a, t in _read_transcripts_csv(path).items()]
+    """Rows of a CSV: each audio path relative to the CSV's folder, and named by that path."""
+    return [Candidate(os.path.abspath(path.parent / a), str(path), t, root=os.path.abspath(path.parent))
+            for a, t in _read_transcripts_csv(path).items()]
 
 
 def from_manifest(path: Path) -> list[Candidate]:
@@ -134,13 +197,15 @@ def from_dataset(spec: str, audio_dir: Path, split: str = "train") -> list[Candi
         raise IngestError(f"{spec}: no Audio column (columns: {', '.join(ds.column_names)})")
     ds = ds.cast_column(audio_col, Audio(decode=False))  # bytes as stored: decoded by earful.audio
     text_col = next((c for c in TEXT_COLUMNS if c in ds.column_names), None)
-    prefix = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(spec.removeprefix("hf:")).stem)[:40]
+    prefix = safe_name(Path(spec.removeprefix("hf:")).stem, 40)
+    # Two datasets of one name (a/train.parquet, b/train.parquet) must not write the same files.
+    files = f"{prefix}-{tag(spec) if spec.startswith('hf:') else path_tag(spec)}"
     audio_dir.mkdir(parents=True, exist_ok=True)
     out = []
     for i, row in enumerate(ds):
         a = row[audio_col] or {}
         ext = Path(a.get("path") or "").suffix.lower() or ".wav"
-        target = audio_dir / f"{prefix}-{i:08d}{ext if ext in AUDIO_EXTS else '.wav'}"
+        target = audio_dir / f"{files}-{i:08d}{ext if ext in AUDIO_EXTS else '.wav'}"
         if a.get("bytes"):
             atomic.write_bytes(target, a["bytes"])
             audio = str(target)
@@ -159,15 +224,16 @@ def from_urls(urls: list[str], audio_dir: Path, enable_file_urls: bool) -> tuple
     audio_dir.mkdir(parents=True, exist_ok=True)
     opts = {
         "format": "bestaudio/best",
-        "outtmpl": str(audio_dir / "%(extractor)s-%(id)s.%(ext)s"),
         "quiet": True, "no_warnings": True, "noprogress": True,
         "enable_file_urls": enable_file_urls,
         "ffmpeg_location": ffmpeg_exe(),
         "restrictfilenames": True,
     }
     out, rejects = [], []
-    with yt_dlp.YoutubeDL(opts) as ydl:
-        for url in urls:
+    for url in urls:
+        # The URL's tag in the name: file:///a/x.wav and file:///b/x.wav share extractor and id,
+        # and yt-dlp would take the second for "already downloaded".
+        with yt_dlp.YoutubeDL({**opts, "outtmpl": str(audio_dir / f"%(extractor)s-%(id)s-{tag(url)}.%(ext)s")}) as ydl:
             try:
                 info = ydl.extract_info(url, download=True)
             except Exception as e:  # noqa: BLE001 - yt-dlp raises many kinds; each is this URL's reject
@@ -211,18 +277,18 @@ def collect(sources: list[str], out_dir: Path, transcripts: str | None = None, e
                 raise IngestError(f"{src}: a .txt source lists URLs or search queries, one a line; line {lines.index(bad[0]) + 1} is {bad[0]!r}")
             urls += lines
         else:
-            candidates.append(Candidate(str(path.resolve()), src, _sidecar_text(path) or "", id=path.stem))
+            candidates.append(Candidate(os.path.abspath(path), src, _sidecar_text(path) or ""))
     if urls:
         fetched, failed = from_urls(urls, audio_dir, enable_file_urls)
         candidates += fetched
         rejects += failed
+    assign_ids(candidates)
     return candidates, rejects
 
 
 # -- checking ------------------------------------------------------------------------------------
-def _convert_to_flac(path: Path, audio_dir: Path) -> Path:
-    audio_dir.mkdir(parents=True, exist_ok=True)
-    target = audio_dir / f"{path.stem}.flac"
+def _convert_to_flac(path: Path, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.stem}.tmp.{os.getpid()}.flac")
     r = subprocess.run([ffmpeg_exe(), "-nostdin", "-v", "error", "-y", "-i", str(path), "-vn", "-c:a", "flac", str(tmp)],
                        capture_output=True, text=True)
@@ -236,13 +302,13 @@ def _convert_to_flac(path: Path, audio_dir: Path) -> Path:
 def check_clip(c: Candidate, audio_dir: Path, min_seconds: float, max_seconds: float | None, silence_dbfs: float) -> Utterance:
     """The candidate as a manifest row, or an AudioError saying why it cannot be used."""
     path = Path(c.audio)
-    if path.suffix.lower() in FFMPEG_EXTS and path.is_file():
-        path = _convert_to_flac(path, audio_dir)
     wave = load_audio(path, CHECK_RATE, max_seconds=max_seconds, min_seconds=min_seconds)
     peak = float(np.abs(wave).max()) if len(wave) else 0.0
     if peak == 0 or 20 * np.log10(peak) < silence_dbfs:
         level = "digital silence" if peak == 0 else f"peak {20 * np.log10(peak):.0f} dBFS"
         raise AudioSilent(path, f"silent ({level}, below {silence_dbfs:g} dBFS)")
+    if path.suffix.lower() in FFMPEG_EXTS:
+        path = _convert_to_flac(path, audio_dir / f"{safe_name(path.stem)}-{path_tag(path)}.flac")  # one per source file
     extra = {k: v for k, v in c.extra.items() if k in ("prompt", "response")}
     return Utterance(audio=str(path.resolve()), text=c.text, id=c.id, speaker=c.speaker, duration=round(len(wave) / CHECK_RATE, 4), **extra)
 

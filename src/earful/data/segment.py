@@ -10,6 +10,11 @@ Two ways:
 The ffmpeg binary is the one `imageio-ffmpeg` ships (nothing to install by hand). Segments are
 written under temporary names and renamed, a recording at a time; a recording that cannot be read
 is a reject, and the job goes on.
+
+A recording's id is its manifest id, or its path relative to the folder all the inputs share (so
+`a/x.wav` and `b/x.wav` are `a/x` and `b/x`, made unique as `earful data ingest` does); segment
+ids are ID-00000, ...; segment files SEGMENTS/NAME-TAG-00000.EXT, where TAG is a hash of the
+recording's path, so two recordings of one name never write the same file.
 """
 
 from __future__ import annotations
@@ -26,15 +31,18 @@ from tqdm.auto import tqdm
 
 from .. import atomic
 from ..audio import AudioError, audio_duration, load_audio
-from .ingest import ffmpeg_exe
+from .ingest import ffmpeg_exe, path_tag, relative_ids, safe_name, unique_ids
 from .manifest import Utterance, read_manifest, write_manifest
 
 VAD_RATE = 16000
 
 
-def split_fixed(path: str | Path, out_dir: str | Path, seconds: float, *, reencode: bool = False) -> list[Path]:
-    """Cut `path` into `seconds`-long pieces OUT_DIR/STEM-00000.EXT ... (stream copy unless reencode)."""
+def split_fixed(path: str | Path, out_dir: str | Path, seconds: float, *, reencode: bool = False,
+                name: str | None = None) -> list[Path]:
+    """Cut `path` into `seconds`-long pieces OUT_DIR/NAME-00000.EXT ... (stream copy unless reencode);
+    NAME defaults to the file's stem."""
     path, out_dir = Path(path), Path(out_dir)
+    name = name or path.stem
     if not path.is_file():
         raise AudioError(path, "file not found")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -44,7 +52,7 @@ def split_fixed(path: str | Path, out_dir: str | Path, seconds: float, *, reenco
         if reencode and ext not in (".wav", ".flac", ".mp3", ".ogg"):
             ext = ".flac"
         cmd = [ffmpeg_exe(), "-nostdin", "-v", "error", "-y", "-i", str(path), "-vn", "-map", "0:a", *codec,
-               "-f", "segment", "-segment_time", f"{seconds}", "-reset_timestamps", "1", str(Path(tmp) / f"{path.stem}-%05d{ext}")]
+               "-f", "segment", "-segment_time", f"{seconds}", "-reset_timestamps", "1", str(Path(tmp) / f"{name}-%05d{ext}")]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise AudioError(path, f"ffmpeg could not segment it: {(r.stderr.strip().splitlines() or ['unknown error'])[-1]}")
@@ -86,14 +94,17 @@ def _vad_model(loader):
     return _VAD
 
 
-def split_vad(path: str | Path, out_dir: str | Path, *, min_seconds: float = 1.0, max_seconds: float = 30.0) -> list[tuple[Path, float, float]]:
-    """Speech regions of `path` as 16 kHz WAVs OUT_DIR/STEM-00000.wav ...; returns (file, start, end)."""
+def split_vad(path: str | Path, out_dir: str | Path, *, min_seconds: float = 1.0, max_seconds: float = 30.0,
+              name: str | None = None) -> list[tuple[Path, float, float]]:
+    """Speech regions of `path` as 16 kHz WAVs OUT_DIR/NAME-00000.wav ... (NAME: the file's stem by
+    default); returns (file, start, end)."""
     path, out_dir = Path(path), Path(out_dir)
+    name = name or path.stem
     wave = load_audio(path, VAD_RATE, max_seconds=None)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = []
     for i, (a, b) in enumerate(speech_regions(wave, min_seconds=min_seconds, max_seconds=max_seconds)):
-        target = out_dir / f"{path.stem}-{i:05d}.wav"
+        target = out_dir / f"{name}-{i:05d}.wav"
         tmp = target.with_name(f".{target.stem}.tmp.{os.getpid()}.wav")
         sf.write(tmp, wave[int(a * VAD_RATE) : int(b * VAD_RATE)], VAD_RATE, subtype="PCM_16")
         os.replace(tmp, target)
@@ -110,18 +121,24 @@ def segment(inputs: list[str], out_dir: str | Path, *, by: str = "fixed", second
     out_dir.mkdir(parents=True, exist_ok=True)
     sources: list[Utterance] = []
     for item in inputs:
-        sources += read_manifest(item) if item.endswith(".jsonl") else [Utterance(audio=str(Path(item).resolve()), id=Path(item).stem)]
+        sources += read_manifest(item) if item.endswith(".jsonl") else [Utterance(audio=os.path.abspath(item))]
+    unnamed = [u for u in sources if not u.id]
+    for u, i in zip(unnamed, relative_ids([u.audio for u in unnamed], [str(Path(u.audio).parent) for u in unnamed])):
+        u.id = i
+    ids = unique_ids([u.id for u in sources], [u.audio for u in sources])
     rows, rejects, audio_in, start = [], [], 0.0, time.perf_counter()
-    for u in tqdm(sources, desc=f"segmenting ({by})", unit="file", disable=not progress):
-        stem = u.id or Path(u.audio).stem
+    for u, uid in tqdm(list(zip(sources, ids)), desc=f"segmenting ({by})", unit="file", disable=not progress):
+        name = f"{safe_name(uid)}-{path_tag(u.audio)}"
         try:
             audio_in += audio_duration(u.audio)
             if by == "fixed":
-                for i, piece in enumerate(split_fixed(u.audio, out_dir / "segments", seconds, reencode=reencode)):
-                    rows.append(Utterance(audio=str(piece), id=f"{stem}-{i:05d}", speaker=u.speaker, duration=round(audio_duration(piece), 4)))
+                pieces = split_fixed(u.audio, out_dir / "segments", seconds, reencode=reencode, name=name)
+                for i, piece in enumerate(pieces):
+                    rows.append(Utterance(audio=str(piece), id=f"{uid}-{i:05d}", speaker=u.speaker, duration=round(audio_duration(piece), 4)))
             else:
-                for i, (piece, a, b) in enumerate(split_vad(u.audio, out_dir / "segments", min_seconds=min_seconds, max_seconds=max_seconds)):
-                    rows.append(Utterance(audio=str(piece), id=f"{stem}-{i:05d}", speaker=u.speaker, duration=round(b - a, 4)))
+                regions = split_vad(u.audio, out_dir / "segments", min_seconds=min_seconds, max_seconds=max_seconds, name=name)
+                for i, (piece, a, b) in enumerate(regions):
+                    rows.append(Utterance(audio=str(piece), id=f"{uid}-{i:05d}", speaker=u.speaker, duration=round(b - a, 4)))
         except AudioError as e:
             rejects.append({"audio": u.audio, "error": type(e).__name__, "reason": e.reason})
     write_manifest(rows, out_dir / "manifest.jsonl")
