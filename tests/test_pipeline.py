@@ -110,21 +110,31 @@ def test_ingest_a_parquet_dataset_through_datasets(tmp_path):
     ds = Dataset.from_dict(data, features=raw).cast_column("audio", Audio(decode=False))
     assert isinstance(ds.features["audio"], Audio)
     ds.to_parquet(str(tmp_path / "train.parquet"))
-    r = cli("data", "ingest", tmp_path / "train.parquet", "--out", tmp_path / "out")
+    # A second dataset of the same name elsewhere, with other clips: its rows must not overwrite the first's.
+    (tmp_path / "other").mkdir()
+    other = ["5_lucas_7.wav", "2_george_3.wav", "1_jackson_11.wav"]
+    Dataset.from_dict({"audio": [{"bytes": (FSDD_REC / n).read_bytes(), "path": n} for n in other], "sentence": ["five", "two", "one"]},
+                      features=raw).cast_column("audio", Audio(decode=False)).to_parquet(str(tmp_path / "other" / "train.parquet"))
+    r = cli("data", "ingest", tmp_path / "train.parquet", tmp_path / "other" / "train.parquet", "--out", tmp_path / "out")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = read_manifest(tmp_path / "out" / "manifest.jsonl")
-    assert [u.text for u in rows] == ["four", "nine", "zero"]
-    for u, n in zip(rows, names):  # the dataset's bytes, written out unchanged
+    assert [u.text for u in rows] == ["four", "nine", "zero", "five", "two", "one"]
+    assert len({u.id for u in rows}) == 6
+    for u, n in zip(rows, names + other):  # the dataset's bytes, written out unchanged
         assert Path(u.audio).read_bytes() == (FSDD_REC / n).read_bytes()
 
 
 def test_ingest_urls_with_yt_dlp(tmp_path):
     url = (FSDD_REC / "7_george_9.wav").resolve().as_uri()
-    (tmp_path / "urls.txt").write_text(f"# one a line\n{url}\n")
+    # Another file of the same name (so the same extractor and id to yt-dlp), holding other speech.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "7_george_9.wav").write_bytes((FSDD_REC / "4_george_9.wav").read_bytes())
+    (tmp_path / "urls.txt").write_text(f"# one a line\n{url}\n{(tmp_path / 'other' / '7_george_9.wav').as_uri()}\n")
     r = cli("data", "ingest", tmp_path / "urls.txt", "--out", tmp_path / "out", "--enable-file-urls")
     assert r.returncode == 0, r.stderr[-2000:]
-    [u] = read_manifest(tmp_path / "out" / "manifest.jsonl")
-    assert Path(u.audio).read_bytes() == (FSDD_REC / "7_george_9.wav").read_bytes()
+    first, second = read_manifest(tmp_path / "out" / "manifest.jsonl")
+    assert Path(first.audio).read_bytes() == (FSDD_REC / "7_george_9.wav").read_bytes()
+    assert Path(second.audio).read_bytes() == (FSDD_REC / "4_george_9.wav").read_bytes() and first.id != second.id
     # Without the opt-in, yt-dlp refuses file:// URLs: a reject with its reason, and the job goes on.
     r = cli("data", "ingest", url, FSDD_REC / "7_george_8.wav", "--out", tmp_path / "out2")
     assert r.returncode == 0, r.stderr[-2000:]
