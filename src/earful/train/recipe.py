@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -116,11 +117,19 @@ def parse_overrides(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise RecipeError(f"--set {pair!r}: expected section.key=value")
         key, raw = pair.split("=", 1)
-        node = tree
         *parents, leaf = key.strip().split(".")
+        if not all((*parents, leaf)):
+            raise RecipeError(f"--set {pair!r}: expected section.key=value, found an empty name in {key!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise RecipeError(f"--set {pair!r}: the value is not valid YAML ({' '.join(str(e).split())})") from None
+        node = tree
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {pair!r}: {p} was set to a value by another --set, so it has no keys")
+        node[leaf] = value
     return tree
 
 
@@ -155,9 +164,7 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
             problems.append(f"{name}: unknown section (known: model, data, train)")
     recipe = Recipe(**sections)
     t = recipe.train
-    for key in ("max_steps", "batch_size", "grad_accum"):
-        if getattr(t, key) < 1:
-            problems.append(f"train.{key}: must be >= 1, found {getattr(t, key)}")
+    problems += _value_problems(recipe)
     if not recipe.data.speed_perturb or not all(isinstance(v, (int, float)) and 0.5 <= v <= 2.0 for v in recipe.data.speed_perturb):
         problems.append(f"data.speed_perturb: expected a list of speeds in [0.5, 2], found {recipe.data.speed_perturb!r}")
     if t.precision not in ("auto", "bf16", "fp32"):
@@ -173,8 +180,6 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
         problems.append(f"model.lora: expected llm, encoder or both (or null), found {m.lora!r}")
     if m.lora and m.kind != "listening":
         problems.append("model.lora: adapters are for the listening family here (a units LM trains its new embeddings in full)")
-    if m.keep_every_nth_layer < 1:
-        problems.append(f"model.keep_every_nth_layer: must be >= 1, found {m.keep_every_nth_layer}")
     from .losses import TYPES
 
     bad_types = set(recipe.train.loss_weights) - set(TYPES)
@@ -182,8 +187,6 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
         problems.append(f"train.loss_weights: unknown token types {sorted(bad_types)} (known: {', '.join(TYPES)})")
     if any(not isinstance(v, (int, float)) or v < 0 for v in recipe.train.loss_weights.values()):
         problems.append(f"train.loss_weights: weights must be numbers >= 0, found {recipe.train.loss_weights}")
-    if not 0.0 <= recipe.train.distill_weight <= 1.0:
-        problems.append(f"train.distill_weight: must be within [0, 1], found {recipe.train.distill_weight}")
     if recipe.train.distill_weight and (m.kind != "listening" or recipe.train.objective != "sft"):
         problems.append("train.distill_weight: distillation is for the listening family's sft objective")
     if recipe.train.distill_weight and not m.freeze_decoder and m.lora not in ("llm", "both"):
@@ -218,11 +221,66 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
             problems.append("model.freeze_decoder: a units LM learns its new sound tokens inside the LLM; set it to false")
         if recipe.data.format not in FORMATS:
             problems.append(f"data.format: expected one of {', '.join(FORMATS)}, found {recipe.data.format!r}")
-        if recipe.data.max_span_words < 1:
-            problems.append(f"data.max_span_words: must be >= 1, found {recipe.data.max_span_words}")
+    if len(problems) == 1:
+        raise RecipeError(f"{source}: {problems[0]}")
     if problems:
-        raise RecipeError(f"{source}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+        raise RecipeError(f"{source}: {len(problems)} problems:\n  - " + "\n  - ".join(problems))
     return recipe
+
+
+# The range of every numeric field: (section, key, test, what the test asks). None passes where the
+# field may be null. A NaN or an infinity fails every test.
+_RANGES = [
+    ("model", "stack_factor", lambda v: v >= 1, ">= 1"),
+    ("model", "projector_hidden_size", lambda v: v >= 1, ">= 1"),
+    ("model", "projector_dropout", lambda v: 0 <= v < 1, "within [0, 1)"),
+    ("model", "lora_r", lambda v: v >= 1, ">= 1"),
+    ("model", "lora_alpha", lambda v: v > 0, "> 0"),
+    ("model", "lora_dropout", lambda v: 0 <= v < 1, "within [0, 1)"),
+    ("model", "keep_every_nth_layer", lambda v: v >= 1, ">= 1"),
+    ("data", "max_seconds", lambda v: v > 0, "> 0"),
+    ("data", "text_delay", lambda v: True, "a number"),
+    ("data", "max_span_words", lambda v: v >= 1, ">= 1"),
+    ("train", "max_steps", lambda v: v >= 1, ">= 1"),
+    ("train", "batch_size", lambda v: v >= 1, ">= 1"),
+    ("train", "grad_accum", lambda v: v >= 1, ">= 1"),
+    ("train", "lr", lambda v: v > 0, "> 0"),
+    ("train", "weight_decay", lambda v: v >= 0, ">= 0"),
+    ("train", "warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("train", "max_grad_norm", lambda v: v > 0, "> 0 (clipping to 0 zeroes every gradient)"),
+    ("train", "eval_every", lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    ("train", "save_every", lambda v: v >= 0, ">= 0 (0: never)"),
+    ("train", "log_every", lambda v: v >= 1, ">= 1"),
+    ("train", "seed", lambda v: 0 <= v < 2**32, "within [0, 2**32)"),
+    ("train", "num_threads", lambda v: v >= 1, ">= 1 (or null: torch's default)"),
+    ("train", "distill_weight", lambda v: 0 <= v <= 1, "within [0, 1]"),
+    ("train", "dpo_beta", lambda v: v > 0, "> 0"),
+    ("train", "log_samples", lambda v: v >= 0, ">= 0"),
+    ("train", "max_text_nll_increase", lambda v: v >= 0, ">= 0 (or null)"),
+    ("train", "max_mc_accuracy_drop", lambda v: 0 <= v <= 1, "within [0, 1] (or null)"),
+]
+
+
+def _value_problems(recipe: Recipe) -> list[str]:
+    """Numbers out of range, and a device torch cannot name or this machine does not have."""
+    problems = []
+    for section, key, ok, what in _RANGES:
+        v = getattr(getattr(recipe, section), key)
+        if v is not None and not (math.isfinite(v) and ok(v)):
+            problems.append(f"{section}.{key}: must be {what}, found {v!r}")
+    device = recipe.train.device
+    if device != "auto":
+        import torch
+
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, ValueError):
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            problems.append(f"train.device: expected auto, cpu, cuda or cuda:N, found {device!r}")
+        elif kind == "cuda" and not torch.cuda.is_available():
+            problems.append(f"train.device: {device!r} but torch sees no CUDA device here; use auto or cpu")
+    return problems
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -238,9 +296,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"{path}: recipe not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the recipe as UTF-8") from None
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({e})") from None
+        raise RecipeError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: expected a mapping of sections (model, data, train)")
     return build_recipe(_merge(raw, parse_overrides(list(overrides))), str(path))
