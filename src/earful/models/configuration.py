@@ -12,8 +12,14 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from ..errors import EarfulError
+
 AUDIO_TOKEN = "<|audio|>"
 AUDIO_NORMS = (None, "utterance")
+
+
+class ModelInputError(EarfulError, ValueError):
+    """A listening LM was given inputs or parts it cannot use (the message says which and the fix)."""
 
 
 @strict
@@ -21,7 +27,8 @@ class SpeechLMConfig(PretrainedConfig):
     """Configuration of `SpeechLMForConditionalGeneration`.
 
     Fields:
-        encoder_config: config of the audio encoder (Whisper, Wav2Vec2, HuBERT, ...).
+        encoder_config: config of the audio encoder: Whisper, or Wav2Vec2 / HuBERT / WavLM /
+            data2vec-audio (`encoders.WAVEFORM_ENCODERS`).
         text_config: config of the causal LM that the audio is projected into.
         stack_factor: k consecutive encoder frames become one LLM position
             (Whisper's 50 Hz / 4 = 12.5 audio positions a second).
