@@ -61,6 +61,7 @@ def test_transcribe_reports_each_kind_of_bad_audio_in_one_line(fsdd, tiny_model_
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith("error: ") and path.name in lines[0] and f"[{kind}]" in lines[0]
     assert "Traceback" not in r.stderr and r.stdout == ""
+    assert "max_seconds" not in r.stderr  # no advice to raise an option transcribe does not have
 
 
 def fsdd_recording(path, seconds: float):

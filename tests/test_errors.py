@@ -124,6 +124,17 @@ def test_a_bad_number_is_one_line_and_exit_2(tmp_path, argv, option, says):
     assert len(lines) == 1 and lines[0].startswith("error: earful ") and f"argument {option}: {says}" in lines[0], r.stderr
 
 
+@pytest.mark.parametrize("argv", [
+    ["transcribe", "--model", "M", "a.wav", "--prompt", "What is said?"],
+    ["eval", "asr", "--model", "M", "--data", "d.jsonl", "--out", "o.json", "--prompt", "<|audio|> and <|audio|>"],
+    ["chat", "--model", "M", "--audio", "a.wav", "--prompt", "<|audio|> or <|audio|>"],
+], ids=["transcribe", "eval asr", "chat"])
+def test_a_prompt_without_one_audio_placeholder_is_one_line(capsys, argv):
+    """It used to reach the processor's ValueError, a traceback, after the model had loaded."""
+    code, err = _main(capsys, *argv)
+    assert code == 2 and err.startswith("error: --prompt: ") and "<|audio|>" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_ingest_min_seconds_above_max_seconds_is_an_error(capsys, tmp_path):
     code, err = _main(capsys, "data", "ingest", tmp_path, "--out", tmp_path / "o", "--min-seconds", "5", "--max-seconds", "2")
     assert code == 2 and "--min-seconds 5 must be less than --max-seconds 2" in err
