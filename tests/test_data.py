@@ -127,3 +127,31 @@ def test_tts_digits_make_a_manifest_of_real_audio(tmp_path):
         seconds = len(audio) / 16000
         assert 0.2 < seconds < 2.0 and seconds == pytest.approx(u.duration, abs=0.01)
         assert float(abs(audio).max()) > 0.05  # speech, not silence
+
+
+def test_unusable_clips_are_found_before_training_and_recorded(fsdd, tmp_path):
+    """Every clip of a training manifest is decoded up front: a truncated WAV, a text file named
+    .wav, a missing file and a clip the encoder cannot take are each left out with their reason;
+    only a manifest with no usable clip at all is an error."""
+    from earful.audio import AudioTooShort
+    from earful.data.dataset import usable_utterances
+    from earful.data.fsdd import fsdd_utterances
+
+    good = fsdd_utterances(fsdd, ["jackson"])[:4]
+    data = open(good[0].audio, "rb").read()
+    (tmp_path / "truncated.wav").write_bytes(data[: len(data) // 2])
+    (tmp_path / "notes.wav").write_text("a text file, not a recording\n")
+    bad = [Utterance(audio=str(tmp_path / n), text="x", id=n) for n in ("truncated.wav", "notes.wav", "missing.wav")]
+    rows = [good[0], bad[0], good[1], bad[1], good[2], bad[2], good[3]]
+
+    def no_first(n_samples, name):  # a model-side check, as the encoder's length limits are
+        if name == good[3].audio:
+            raise AudioTooShort(name, "too short for this encoder")
+
+    kept, rejects = usable_utterances(rows, 16000, 30.0, "m.jsonl", no_first)
+    assert kept == good[:3]
+    assert [(r["id"], r["error"]) for r in rejects] == [("truncated.wav", "AudioCorrupt"), ("notes.wav", "AudioNotAudio"),
+                                                        ("missing.wav", "AudioNotFound"), (good[3].id, "AudioTooShort")]
+    assert "truncated WAV" in rejects[0]["reason"] and all(r["manifest"] == "m.jsonl" for r in rejects)
+    with pytest.raises(ManifestError, match=r"m.jsonl: none of its 3 clips is usable \(e.g. .*truncated.wav: truncated WAV"):
+        usable_utterances(bad, 16000, 30.0, "m.jsonl")

@@ -44,6 +44,32 @@ def test_weighted_loss_matches_a_hand_computation(smol_dir):
     assert weighted_cross_entropy(logits, ids[0, 1:], None).item() == pytest.approx(plain.item(), rel=1e-5)
 
 
+def test_a_split_batch_weighted_by_batch_weight_gives_the_whole_loss(smol_dir):
+    """What torchrun ranks rely on: the weighted loss of a batch is its parts' losses, each weighted
+    by `batch_weight` (summed token weights, not token counts), over the parts' total weight."""
+    from earful.train.losses import batch_weight
+    from earful.train.units import pad_batch
+    from earful.data.sequences import TokenSequence
+
+    lm = make_lm(smol_dir, n_units=8)
+    v = lm.vocab
+    rows = [[v.sound_start_id, *v.token_ids([1, 2, 3, 4, 5]), v.sound_end_id],  # mostly units
+            [v.text_start_id, 300, 301, 302, 303, v.text_end_id],  # mostly text
+            [v.sound_start_id, *v.token_ids([6]), v.sound_end_id, v.text_start_id, 304, v.text_end_id]]
+    seqs = [TokenSequence(r, [-100, *r[1:]]) for r in rows]
+    weights = TokenWeights({"text": 3.0, "semantic": 1.0, "special": 0.25}, {v.sound_start_id, v.sound_end_id, v.text_start_id, v.text_end_id},
+                           first_unit_id=v.first_unit_id, n_units=8)
+    whole, parts = pad_batch(seqs, 0), [pad_batch(seqs[:1], 0), pad_batch(seqs[1:], 0)]
+    with torch.no_grad():
+        want = causal_lm_loss(lm.model, **whole, token_weights=weights).item()
+        losses = [causal_lm_loss(lm.model, **b, token_weights=weights).item() for b in parts]
+    w = [batch_weight(b, weights) for b in parts]
+    assert w == [1.0 * 5 + 0.25, (3.0 * 4 + 0.25) + (1.0 + 0.25 * 3 + 3.0)]
+    assert sum(loss * wi for loss, wi in zip(losses, w)) / sum(w) == pytest.approx(want, rel=1e-5)
+    counts = [batch_weight(b) for b in parts]  # token counts: what a weighted run must not use
+    assert counts == [6.0, 10.0] and sum(loss * c for loss, c in zip(losses, counts)) / sum(counts) != pytest.approx(want, rel=1e-3)
+
+
 def test_sequence_logprobs_equal_the_full_softmax_sum():
     """DPO's per-row answer log-probability, computed only at labelled positions, equals summing
     log-softmax over the whole vocabulary at every position (padding and prompt excluded)."""

@@ -119,16 +119,32 @@ def test_kill_minus_9_then_resume_continues_the_same_run(tiny_parts, manifests, 
     crashed = tmp_path / "crashed"
     cmd = [sys.executable, "-m", "earful", "train", str(Path(__file__).parents[1] / "recipes" / "digits.yaml"), "--out", str(crashed),
            *map(str, recipe_args(tiny_parts, manifests, **steps))]
-    _kill_after_first_checkpoint(cmd, crashed, {**os.environ})  # asserts a checkpoint and no model yet
+    _kill_after_first_checkpoint(cmd, crashed, {**os.environ})  # asserts a checkpoint, log rows past it, and no model yet
     assert not list(crashed.glob("*.tmp"))  # nothing half-written under a final name
 
-    r = run_cli("train", Path(__file__).parents[1] / "recipes" / "digits.yaml", "--out", crashed, "--resume", *recipe_args(tiny_parts, manifests, **steps))
+    # A recipe that changes the run is refused, naming what differs; how often it saves may change.
+    r = run_cli("train", Path(__file__).parents[1] / "recipes" / "digits.yaml", "--out", crashed, "--resume",
+                *recipe_args(tiny_parts, manifests, **steps), "train.lr=1e-2", "train.batch_size=4", "train.save_every=7")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "train.batch_size: saved 8, now 4; train.lr: saved 0.003, now 0.01)" in r.stderr, r.stderr[-3000:]
+    r = run_cli("train", Path(__file__).parents[1] / "recipes" / "digits.yaml", "--out", crashed, "--resume",
+                *recipe_args(tiny_parts, manifests, **steps), "train.save_every=7")
     assert r.returncode == 0, r.stderr[-3000:]
     want = {row["step"]: row["loss"] for row in log_rows(straight) if "loss" in row}
-    got = {row["step"]: row["loss"] for row in log_rows(crashed) if "loss" in row}  # later rows win
-    assert sorted(got) == list(range(1, 61))
-    for step in range(1, 61):
-        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+    rows = [row for row in log_rows(crashed) if "loss" in row]
+    assert [row["step"] for row in rows] == list(range(1, 61))  # each step once: the killed run's rows past the checkpoint are gone
+    for row in rows:
+        assert row["loss"] == pytest.approx(want[row["step"]], rel=1e-5, abs=1e-6), row["step"]
+    # Time carries over the resume: elapsed_s never goes back, and train_seconds counts both parts.
+    elapsed = [row["elapsed_s"] for row in rows]
+    assert elapsed == sorted(elapsed)
+    assert json.loads((crashed / "train_summary.json").read_text())["train_seconds"] >= elapsed[-1]
+    # One TensorBoard run in one folder: the killed run's events past the checkpoint are purged.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(crashed / "tb")).Reload()
+    assert [e.step for e in acc.Scalars("loss")] == list(range(1, 61))
+    assert [e.value for e in acc.Scalars("elapsed_s")] == pytest.approx(elapsed, abs=0.01)
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(crashed / "model.safetensors"))
     # The recipe's frozen LLM is untouched; the projector is the same as an uninterrupted run's.
     llm_ref = load_file(str(tiny_parts[1] / "model.safetensors"))
@@ -145,6 +161,59 @@ def test_training_the_encoder_without_a_cache(tiny_parts, manifests, tmp_path):
     saved = load_file(str(out / "model.safetensors"))
     enc_ref = load_file(str(tiny_parts[0] / "model.safetensors"))
     assert not torch.equal(saved["audio_tower.layers.0.fc1.weight"], enc_ref["model.encoder.layers.0.fc1.weight"])
+
+
+def test_corrupt_clips_are_skipped_and_recorded_not_met_mid_run(tiny_parts, manifests, tmp_path):
+    """A truncated WAV and a text file named .wav among FSDD clips: the encoder trains (no cache),
+    so today's trainer would meet them at whichever step draws them (and again on every --resume).
+    Every clip is checked before the first step; the two are left out, named in a warning and in
+    OUT/rejects.jsonl, and training runs on the rest. Nothing usable at all is one clear error."""
+    from earful.data.manifest import Utterance, read_manifest
+
+    good = read_manifest(manifests[0])[:16]
+    data = Path(good[0].audio).read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[: len(data) // 2])  # a download that stopped half-way
+    (tmp_path / "notes.wav").write_text("transcripts to do\n")
+    bad = [Utterance(audio=str(tmp_path / "cut.wav"), text="zero", id="cut"), Utterance(audio=str(tmp_path / "notes.wav"), text="one", id="notes")]
+    write_manifest([*good[:5], bad[0], *good[5:11], bad[1], *good[11:]], tmp_path / "train.jsonl")
+    recipe = Path(__file__).parents[1] / "recipes" / "digits.yaml"
+    out = tmp_path / "run"
+    r = run_cli("train", recipe, "--out", out, *recipe_args(tiny_parts, manifests, max_steps=3, eval_every=0, log_every=1, save_every=0),
+                f"data.train={tmp_path / 'train.jsonl'}", "model.freeze_encoder=false")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"skipping {tmp_path / 'cut.wav'} (AudioCorrupt): truncated WAV file" in r.stderr
+    assert f"skipping {tmp_path / 'notes.wav'} (AudioNotAudio)" in r.stderr
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(row["id"], row["error"]) for row in rejects] == [("cut", "AudioCorrupt"), ("notes", "AudioNotAudio")]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["train_utterances"] == 16 and summary["skipped_clips"] == 2
+
+    write_manifest(bad, tmp_path / "bad.jsonl")
+    r = run_cli("train", recipe, "--out", tmp_path / "none", *recipe_args(tiny_parts, manifests, max_steps=3), f"data.train={tmp_path / 'bad.jsonl'}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "bad.jsonl: none of its 2 clips is usable" in r.stderr
+
+
+def test_no_setting_is_changed_silently(tiny_parts, manifests, tmp_path):
+    """LoRA over freeze_*=false, the prefix cache off (the LLM trains; gradient checkpointing),
+    warm-up clamped to max_steps, bf16-stored weights trained in float32: each says old and new."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    LlamaForCausalLM.from_pretrained(tiny_parts[1]).to(torch.bfloat16).save_pretrained(tmp_path / "llm_bf16")
+    AutoTokenizer.from_pretrained(tiny_parts[1]).save_pretrained(tmp_path / "llm_bf16")
+    recipe = Path(__file__).parents[1] / "recipes" / "digits.yaml"
+    r = run_cli("train", recipe, "--out", tmp_path / "run", *recipe_args(tiny_parts, manifests, max_steps=2, eval_every=0, save_every=0,
+                                                                        warmup_steps=10, text_gate="off"),
+                f"model.llm={tmp_path / 'llm_bf16'}", "model.lora=both", "model.freeze_encoder=false", "model.freeze_decoder=false",
+                "model.gradient_checkpointing=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for line in ("model.lora=both: model.freeze_decoder false -> true for the llm's base weights",
+                 "model.lora=both: model.freeze_encoder false -> true for the encoder's base weights",
+                 "train.prefix_cache: true -> off, because the LLM trains (model.freeze_decoder=false or model.lora on the llm) "
+                 "and model.gradient_checkpointing=true",
+                 "train.warmup_steps: 10 -> 2, because train.max_steps=2",
+                 f"model.llm={tmp_path / 'llm_bf16'}: weights stored as bfloat16 -> loaded and trained as float32"):
+        assert f"WARNING earful.train.trainer: {line}" in r.stderr, line
 
 
 def test_bad_recipe_is_one_clear_error(tmp_path):
@@ -199,36 +268,61 @@ def test_lora_with_layer_dropping_and_the_text_gate(tiny_parts, manifests, tmp_p
     model, _ = load_speech_lm(out)
     assert model.config.text_config.num_hidden_layers == 1 and len(model.language_model.model.layers) == 1
 
-    # A limit no run can meet: the model is saved, the run fails with the reason.
-    r = run_cli("train", recipe, "--out", tmp_path / "strict", *args, "model.lora=llm", "train.max_text_nll_increase=-100")
+    # The same run under a limit it does not meet (no rise at all; its NLL rose): the model is
+    # saved, the run fails with the reason.
+    assert gate["text_nll_increase"] > 0, gate
+    r = run_cli("train", recipe, "--out", tmp_path / "strict", *args, "model.lora=llm", "model.lora_r=4", "model.keep_every_nth_layer=2",
+                "train.max_text_nll_increase=0")
     assert r.returncode == 3 and "lost text ability" in r.stderr and "Traceback" not in r.stderr
     assert (tmp_path / "strict" / "model.safetensors").exists()
 
 
-def test_ddp_on_two_torchrun_processes_matches_one(tiny_parts, manifests, tmp_path):
+# grad_accum=2 with loss_weights: each rank's share of a micro-batch weighs its summed token
+# weights, and each micro-batch counts 1/grad_accum, so gradients (hence clipping and the logged
+# grad_norm) are one process's, under DDP and FSDP alike.
+ACCUM_WEIGHTED = ("train.grad_accum=2", "train.loss_weights={text: 1.0, special: 4.0}")
+
+
+@pytest.mark.parametrize("variant", ["ddp_and_nodes", "accum2_weighted"])
+def test_two_torchrun_processes_match_one(tiny_parts, manifests, tmp_path, variant):
     """torchrun --nproc_per_node 2 (gloo, CPU): each rank takes half of every batch, DDP averages the
-    gradients, and the loss curve is the one process's with the same global batch. Then the same
-    over two "nodes": two torchrun agents, one process each, meeting through the multi-node
-    rendezvous flags (--nnodes 2 --node-rank i --master-addr/--master-port)."""
+    gradients, and the loss and grad-norm curves are the one process's with the same global batch.
+    `ddp_and_nodes`: then the same over two "nodes": two torchrun agents, one process each, meeting
+    through the multi-node rendezvous flags (--nnodes 2 --node-rank i --master-addr/--master-port).
+    `accum2_weighted`: grad_accum=2 and loss_weights, under DDP and under FSDP2, on answers of
+    varied length (so the ranks' shares hold different mixes of text and end-of-turn tokens)."""
+    from earful.data.manifest import read_manifest
+
     recipe = Path(__file__).parents[1] / "recipes" / "digits.yaml"
-    args = recipe_args(tiny_parts, manifests, max_steps=5, eval_every=0, log_every=1, save_every=0, lr=2e-2)
+    args = [*map(str, recipe_args(tiny_parts, manifests, max_steps=5, eval_every=0, log_every=1, save_every=0, lr=2e-2)),
+            "model.freeze_decoder=false"]
+    if variant == "accum2_weighted":
+        rows = read_manifest(manifests[0])
+        for i, u in enumerate(rows):
+            u.response = u.text if i % 3 else f"the digit {u.text}, spoken by {u.speaker}"
+        write_manifest(rows, tmp_path / "varied.jsonl")
+        args += [*ACCUM_WEIGHTED, f"data.train={tmp_path / 'varied.jsonl'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = run_cli("train", recipe, "--out", tmp_path / "one", *args, "model.freeze_decoder=false", env=env)
+    one = run_cli("train", recipe, "--out", tmp_path / "one", *args, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
+    a = curves(tmp_path / "one")
+    assert len(a["loss"]) == 5 and a["loss"][-1] < a["loss"][0]
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "earful", "train", str(recipe), "--out", str(tmp_path / "two"),
-                          *map(str, args), "model.freeze_decoder=false"], capture_output=True, text=True, env=env, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a = [row["loss"] for row in log_rows(tmp_path / "one") if "loss" in row]
-    b = [row["loss"] for row in log_rows(tmp_path / "two") if "loss" in row]
-    assert len(a) == len(b) == 5  # one log, written once (rank 0)
-    assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
-    assert a[-1] < a[0]
-    assert json.loads((tmp_path / "two" / "train_summary.json").read_text())["world_size"] == 2
-    # The same weights come out.
-    wa, wb = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
-    for k in ("multi_modal_projector.linear_1.weight", "language_model.model.layers.1.mlp.up_proj.weight"):
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+    for mode in ("ddp",) if variant == "ddp_and_nodes" else ("ddp", "fsdp"):
+        two = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "earful", "train", str(recipe), "--out", str(tmp_path / mode),
+                              *args, f"train.parallel={mode}"], capture_output=True, text=True, env=env, timeout=600)
+        assert two.returncode == 0, two.stderr[-3000:]
+        b = curves(tmp_path / mode)
+        assert len(b["loss"]) == 5  # one log, written once (rank 0)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5), mode
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4, abs=1e-6), mode
+        assert json.loads((tmp_path / mode / "train_summary.json").read_text())["world_size"] == 2
+        # The same weights come out.
+        wa, wb = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / mode / "model.safetensors"))
+        for k in ("multi_modal_projector.linear_1.weight", "language_model.model.layers.1.mlp.up_proj.weight"):
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+    if variant != "ddp_and_nodes":
+        return
 
     import socket
 
@@ -237,12 +331,18 @@ def test_ddp_on_two_torchrun_processes_matches_one(tiny_parts, manifests, tmp_pa
         port = sock.getsockname()[1]
     nodes = [subprocess.Popen([torchrun, "--nnodes", "2", "--node-rank", str(i), "--nproc_per_node", "1", "--master-addr", "127.0.0.1",
                                "--master-port", str(port), "-m", "earful", "train", str(recipe), "--out", str(tmp_path / "nodes"),
-                               *map(str, args), "model.freeze_decoder=false"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+                               *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
              for i in (0, 1)]
     errs = [node.communicate(timeout=600)[1] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
-    c = [row["loss"] for row in log_rows(tmp_path / "nodes") if "loss" in row]
-    assert c == pytest.approx(a, rel=1e-4, abs=1e-5)
+    c = curves(tmp_path / "nodes")
+    assert c["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5) and c["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4, abs=1e-6)
+
+
+def curves(out: Path) -> dict[str, list[float]]:
+    """The logged training loss and grad norm, step by step."""
+    rows = [row for row in log_rows(out) if "loss" in row]
+    return {"loss": [row["loss"] for row in rows], "grad_norm": [row["grad_norm"] for row in rows]}
 
 
 def _descendants(pid: int) -> list[int]:
@@ -263,10 +363,19 @@ def _descendants(pid: int) -> list[int]:
 
 def _kill_after_first_checkpoint(cmd: list[str], out: Path, env: dict) -> str:
     """Run `cmd`, kill -9 it and every process under it (torchrun's workers too) once
-    out/checkpoints/latest exists; returns its stderr."""
+    out/checkpoints/latest exists and the log holds a step past it (which a resume must not
+    repeat); returns its stderr."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 300
-    while not (out / "checkpoints" / "latest").exists() and proc.poll() is None and time.time() < deadline:
+
+    def past_checkpoint() -> bool:
+        try:
+            saved = int((out / "checkpoints" / "latest").read_text().split("-")[1])
+            return any(json.loads(line).get("step", 0) > saved for line in (out / "train_log.jsonl").read_text().splitlines()[-3:])
+        except (OSError, ValueError, IndexError):  # not there yet, or a line half-written
+            return False
+
+    while not past_checkpoint() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
     for pid in [proc.pid, *_descendants(proc.pid)]:
         try:
@@ -310,16 +419,20 @@ def test_fsdp_on_two_torchrun_processes_resumes_across_world_sizes(tiny_parts, m
     assert json.loads((b / "train_summary.json").read_text())["parallel"] == "fsdp"
 
     want = {row["step"]: row["loss"] for row in log_rows(tmp_path / "one") if "loss" in row}
+    want_norm = {row["step"]: row["grad_norm"] for row in log_rows(tmp_path / "one") if "loss" in row}
     want_eval = {row["step"]: row["eval_loss"] for row in log_rows(tmp_path / "one") if "eval_loss" in row}
     assert sorted(want) == list(range(1, 31)) and sorted(want_eval) == [10, 20, 30] and want[30] < want[1]
     ref = load_file(str(tmp_path / "one" / "model.safetensors"))
     for run in (a, b):
         rows = log_rows(run)
-        got = {row["step"]: row["loss"] for row in rows if "loss" in row}  # later rows win
+        assert [row["step"] for row in rows if "loss" in row] == list(range(1, 31))  # each step once, over the kill
+        got = {row["step"]: row["loss"] for row in rows if "loss" in row}
+        norms = {row["step"]: row["grad_norm"] for row in rows if "loss" in row}
         got_eval = {row["step"]: row["eval_loss"] for row in rows if "eval_loss" in row}
-        assert sorted(got) == list(range(1, 31)) and sorted(got_eval) == [10, 20, 30]
+        assert sorted(got_eval) == [10, 20, 30]
         for step in range(1, 31):
             assert got[step] == pytest.approx(want[step], rel=1e-3, abs=1e-5), (run.name, step)
+            assert norms[step] == pytest.approx(want_norm[step], rel=1e-3, abs=1e-5), (run.name, step)
         for step in (10, 20, 30):
             assert got_eval[step] == pytest.approx(want_eval[step], rel=1e-3, abs=1e-5), (run.name, step)
         w = load_file(str(run / "model.safetensors"))
@@ -362,7 +475,7 @@ def test_adamw8bit_keeps_8_bit_state_and_resumes_exactly(tiny_parts, manifests, 
     assert r.returncode == 0, r.stderr[-3000:]
     want = {row["step"]: row["loss"] for row in log_rows(tmp_path / "straight") if "loss" in row}
     got = {row["step"]: row["loss"] for row in log_rows(crashed) if "loss" in row}
-    assert sorted(got) == list(range(1, 41)) and sum(list(want.values())[-5:]) < 0.8 * sum(list(want.values())[:5])
+    assert [row["step"] for row in log_rows(crashed) if "loss" in row] == list(range(1, 41)) and sum(list(want.values())[-5:]) < 0.8 * sum(list(want.values())[:5])
     for step in range(1, 41):
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import random
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
+from tqdm.auto import tqdm
 
-from ..audio import load_audio, resample
-from .manifest import Utterance
+from ..audio import AudioError, load_audio, resample
+from .manifest import ManifestError, Utterance
+
+logger = logging.getLogger(__name__)
 
 AUDIO_TOKEN = "<|audio|>"
 
@@ -23,6 +27,33 @@ def prompt_of(u: Utterance, default_prompt: str) -> str:
 def response_of(u: Utterance) -> str:
     """The target: an instruction's `response`, else the transcript (ASR)."""
     return u.response if u.response is not None else u.text
+
+
+def usable_utterances(utterances: list[Utterance], sampling_rate: int, max_seconds: float | None, source: str,
+                      check: Callable[[int, str], None] | None = None) -> tuple[list[Utterance], list[dict]]:
+    """The utterances whose audio is usable, and a reject row for each other one.
+
+    Every clip is decoded in full (as training will read it) before the first step, so a corrupt
+    clip is found now and skipped, not met at a random step (and again on every `--resume`).
+    `check(n_samples, name)` may raise `AudioError` for a clip the model cannot take (too short or
+    too long for its encoder, at `sampling_rate`). Reject rows are {manifest, audio, id, error, reason}. A manifest with
+    no usable clip at all is a `ManifestError`.
+    """
+    kept, rejects = [], []
+    for u in tqdm(utterances, desc=f"checking audio of {source}", unit="clip", leave=False, mininterval=1.0):
+        try:
+            wave = load_audio(u.audio, sampling_rate, max_seconds=max_seconds)
+            if check is not None:
+                check(len(wave), u.audio)
+        except AudioError as e:
+            rejects.append({"manifest": source, "audio": u.audio, "id": u.id, "error": type(e).__name__, "reason": e.reason})
+            continue
+        kept.append(u)
+    if not kept:
+        first = rejects[0]
+        raise ManifestError(f"{source}: none of its {len(utterances)} clips is usable (e.g. {first['audio']}: {first['reason']}); "
+                            "fix or replace the audio, or check the manifest with `earful data ingest`")
+    return kept, rejects
 
 
 class SpeechDataset(torch.utils.data.Dataset):

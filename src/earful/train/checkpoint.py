@@ -9,6 +9,9 @@ re-shards on load. Frozen parameters are not saved: the recipe rebuilds them.
 Written crash-safe: every rank writes into `step-N.tmp/`, rank 0 renames it to `step-N/`, then
 replaces the one-line `checkpoints/latest` (temp + rename) and deletes older steps. A kill at any
 moment leaves `latest` naming a complete folder, or no `latest` at all.
+
+`extra.pt` also holds the recipe: `--resume` under one that changes the run is refused
+(`check_same_run`).
 """
 
 from __future__ import annotations
@@ -71,6 +74,46 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     if not (path / EXTRA).exists():
         raise ValueError(f"{pointer}: names {path.name}, which is not a complete checkpoint")
     return path
+
+
+# Recipe keys `--resume` lets differ from the checkpoint's: how long the run goes on, how often it
+# logs, evaluates and saves, how it is spread over processes and threads, and the end-of-run text
+# gate's limits. None of them changes what the steps already taken would compute next.
+RESUMABLE_CHANGES = frozenset({
+    "train.max_steps", "train.save_every", "train.eval_every", "train.log_every", "train.num_threads",
+    "train.parallel", "train.compile", "train.wandb", "train.wandb_project", "train.log_samples",
+    "train.max_text_nll_increase", "train.max_mc_accuracy_drop",
+})
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and prefix == "":
+            out.update(_flat(v, f"{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_same_run(path: Path, recipe: dict) -> None:
+    """Refuse to resume the checkpoint at `path` under a recipe (`Recipe.to_dict()`) that differs
+    from the one it was saved with in any setting outside `RESUMABLE_CHANGES`: lr, data, model,
+    batch size, seed, ... all change the run, so its steps would no longer be one run's.
+    Raises `RecipeError` naming every key that differs, with both values."""
+    from .recipe import Recipe, RecipeError
+
+    saved = torch.load(Path(path) / EXTRA, map_location="cpu", weights_only=False).get("recipe")
+    if saved is None:  # a checkpoint from before recipes were saved in it
+        return
+    defaults, saved, now = _flat(Recipe().to_dict()), _flat(saved), _flat(recipe)
+    differ = [k for k in sorted(set(saved) | set(now)) if k not in RESUMABLE_CHANGES
+              and saved.get(k, defaults.get(k)) != now.get(k, defaults.get(k))]
+    if differ:
+        changes = "; ".join(f"{k}: saved {saved.get(k, defaults.get(k))!r}, now {now.get(k, defaults.get(k))!r}" for k in differ)
+        raise RecipeError(f"{path}: --resume with a recipe that changes the run ({changes}); resume with the saved "
+                          f"settings, or train into a new --out without --resume (may change on resume: "
+                          f"{', '.join(sorted(RESUMABLE_CHANGES))})")
 
 
 def saved_parameter_names(path: Path) -> set[str]:

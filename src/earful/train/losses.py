@@ -46,3 +46,14 @@ def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights:
     losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
     w = weights(targets)
     return (losses * w).sum() / w.sum().clamp(min=1e-8)
+
+
+def batch_weight(batch: dict, weights: TokenWeights | None = None) -> float:
+    """What a batch's mean loss is a mean over: its pairs (DPO), else the summed weights of its
+    labelled target tokens (their count when unweighted), so that a batch split into parts has
+    the whole's mean as the parts' means weighted by this."""
+    if "chosen" in batch:
+        return float(len(batch["ref_chosen"]))
+    targets = batch["labels"][:, 1:]  # (B, L-1): position t predicts token t + 1
+    targets = targets[targets != -100]
+    return float(targets.numel()) if weights is None else float(weights(targets).sum())

@@ -106,18 +106,23 @@ def compile_blocks(model: torch.nn.Module) -> int:
     return len(blocks)
 
 
-def micro_step(runner, batcher, idx: list[int], rank: int, world: int, amp) -> tuple[float, float | None]:
+def micro_step(runner, batcher, idx: list[int], rank: int, world: int, amp, scale: float = 1.0,
+               token_weights=None) -> tuple[float, float | None]:
     """One micro-batch over the ranks: this rank's share of `idx`, weighted so that the averaged
-    gradient and the logged loss are those of the whole micro-batch's mean, as on one process
-    (a mean over labelled tokens, or over pairs for DPO). Returns (loss, the loss's companion
-    figure, e.g. DPO's reward margin, or None)."""
+    gradient is that of `scale` times the whole micro-batch's mean loss, as on one process (which
+    backpropagates mean / grad_accum per micro-batch: pass scale=1/grad_accum). The mean is over
+    labelled tokens, weighted by `token_weights` (train.loss_weights) when given, or over pairs
+    for DPO (`losses.batch_weight`). Returns (the whole micro-batch's mean loss, unscaled; the
+    loss's companion figure, e.g. DPO's reward margin, or None)."""
     import torch.distributed as dist
+
+    from .losses import batch_weight
 
     mine, weight = idx[rank::world], 1.0
     if not mine:  # fewer clips than ranks: run one with no weight, so every rank steps together
         mine, weight = idx[:1], 0.0
     batch = batcher(mine)
-    n_mine = _weight_of(batch) * weight
+    n_mine = batch_weight(batch, token_weights) * weight
     dev = _device_of(batch)  # nccl reduces CUDA tensors, gloo CPU ones
     counts = torch.tensor([n_mine], dtype=torch.float64, device=dev)
     dist.all_reduce(counts)
@@ -125,17 +130,12 @@ def micro_step(runner, batcher, idx: list[int], rank: int, world: int, amp) -> t
     with amp:
         out = runner(batch)
     mean, aux = out if isinstance(out, tuple) else (out, None)
-    (mean * (n_mine * world / n_all)).backward()  # DDP and FSDP average over ranks: the sum over all / n_all
+    # DDP and FSDP average over ranks, so each rank's share counts n_mine * world / n_all: the
+    # average is then the sum over all ranks' weighted losses / n_all, the whole micro-batch's mean.
+    (mean * (scale * n_mine * world / n_all)).backward()
     total = torch.tensor([float(mean.detach()) * n_mine, float(aux if aux is not None else 0.0) * n_mine], dtype=torch.float64, device=dev)
     dist.all_reduce(total)
     return float(total[0]) / n_all, (float(total[1]) / n_all if aux is not None else None)
-
-
-def _weight_of(batch: dict) -> float:
-    """What a batch's loss is a mean over: its pairs (DPO) or its labelled tokens."""
-    if "chosen" in batch:
-        return float(len(batch["ref_chosen"]))
-    return float((batch["labels"][:, 1:] != -100).sum())
 
 
 def _device_of(batch: dict) -> torch.device:

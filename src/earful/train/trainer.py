@@ -18,7 +18,7 @@ import os
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import atomic
-from ..data.dataset import SpeechDataset, infinite_batches, length_grouped_batches, prompt_of, response_of
+from ..data.dataset import SpeechDataset, infinite_batches, length_grouped_batches, prompt_of, response_of, usable_utterances
 from ..data.manifest import read_manifest
 from ..models.build import build_speech_lm, load_speech_lm, save_speech_lm
 from ..models.encoders import stacked_lengths
@@ -58,11 +58,25 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
+def warn_upcast(key: str, spec: str) -> None:
+    """Parts are trained in float32 (master weights; bf16 is autocast on CUDA): say so when the
+    weights of model.`key` are stored in a lower precision."""
+    from transformers import AutoConfig
+
+    from ..pretrained import resolve
+
+    stored = getattr(AutoConfig.from_pretrained(resolve(spec)), "dtype", None)
+    if stored is not None and stored != torch.float32 and str(stored) not in ("float32", "torch.float32"):
+        logger.warning("model.%s=%s: weights stored as %s -> loaded and trained as float32", key, spec, str(stored).removeprefix("torch."))
+
+
 def build_model(recipe: Recipe) -> tuple[SpeechLMForConditionalGeneration, SpeechLMProcessor]:
     m = recipe.model
     if m.init_from:
         model, processor = load_speech_lm(m.init_from)
     else:
+        warn_upcast("encoder", m.encoder)
+        warn_upcast("llm", m.llm)
         model, processor = build_speech_lm(
             m.encoder,
             m.llm,
@@ -84,6 +98,10 @@ def build_model(recipe: Recipe) -> tuple[SpeechLMForConditionalGeneration, Speec
 
         # LoRA trains adapters instead of the part itself: its base weights freeze, whatever freeze_* says.
         for part in (("llm", "encoder") if m.lora == "both" else (m.lora,)):
+            key = {"llm": "freeze_decoder", "encoder": "freeze_encoder"}[part]
+            if not getattr(m, key):
+                logger.warning("model.lora=%s: model.%s false -> true for the %s's base weights (only its LoRA adapters train)",
+                               m.lora, key, part)
             getattr(model, {"llm": "language_model", "encoder": "audio_tower"}[part]).requires_grad_(False)
             add_lora(model, part, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout)
     if m.gradient_checkpointing:
@@ -334,20 +352,22 @@ def evaluate_dpo(model, batcher, batch_size: int, beta: float, amp, runner=None)
 
 @torch.no_grad()
 def evaluate_loss(model, batcher, batch_size: int, amp, runner=None) -> float:
-    """Mean token loss over the whole eval set (token-weighted); through `runner` (FSDP) when given."""
+    """Mean token loss over the whole eval set (weighted as the training loss is); through `runner` (FSDP) when given."""
+    from .losses import batch_weight
+
     model.eval()
-    total, tokens = 0.0, 0
+    total, tokens = 0.0, 0.0
     for idx in length_grouped_batches(batcher.lengths(), batch_size, seed=0, shuffle=False):
         batch = batcher(idx)
         with amp:
             loss = runner(batch) if runner is not None else loss_of(model, batch)
-        n = int((batch["labels"][:, 1:] != -100).sum())
+        n = batch_weight(batch, getattr(model, "token_weights", None))  # the loss is a mean over these
         total += float(loss) * n
         tokens += n
     model.train()
     if batcher.cache is not None:
         model.audio_tower.eval()
-    return total / max(tokens, 1)
+    return total / max(tokens, 1e-8)
 
 
 @dataclass
@@ -364,6 +384,7 @@ class Parts:
     text_model: Callable[[torch.nn.Module], tuple] | None = None  # model -> (causal LM, tokenizer) for the text-ability gate
     samples: Callable[[int], list[dict]] | None = None  # n -> eval clips with audio, reference and the model's answer
     token_weights: Callable[[dict], object] | None = None  # train.loss_weights -> losses.TokenWeights for this family
+    rejects: list[dict] = field(default_factory=list)  # manifest clips left out as unusable (data.dataset.usable_utterances)
 
 
 class TextAbilityRegression(RuntimeError):
@@ -392,8 +413,7 @@ def listening_parts(recipe: Recipe, device: torch.device) -> Parts:
     t = recipe.train
     model, processor = build_model(recipe)
     model.to(device).train()
-    llm_frozen = not any(p.requires_grad for p in model.language_model.parameters())
-    if recipe.train.prefix_cache and llm_frozen and not recipe.model.gradient_checkpointing:
+    if _prefix_cache_on(recipe, model):
         from ..models.listening import PrefixCache
 
         model.prefix_cache = PrefixCache(model)  # a frozen LLM: the shared prompt prefix is run once, not every step
@@ -402,9 +422,16 @@ def listening_parts(recipe: Recipe, device: torch.device) -> Parts:
         model.audio_tower.eval()  # a frozen encoder runs without dropout, so its outputs can be cached
     _check_trainable(model)
 
-    sr = processor.sampling_rate
-    train_set = SpeechDataset(read_manifest(recipe.data.train), sr, recipe.data.prompt, recipe.data.max_seconds, recipe.data.speed_perturb)
-    eval_set = SpeechDataset(read_manifest(recipe.data.eval), sr, recipe.data.prompt, recipe.data.max_seconds) if recipe.data.eval else None
+    sr, d = processor.sampling_rate, recipe.data
+    from ..models.processing import check_audio_length
+
+    fits = partial(check_audio_length, processor.feature_extractor, model.config.encoder_config)  # what the encoder can take
+    train_utts, rejects = usable_utterances(read_manifest(d.train), sr, d.max_seconds, d.train, fits)
+    train_set = SpeechDataset(train_utts, sr, d.prompt, d.max_seconds, d.speed_perturb)
+    eval_set = None
+    if d.eval:
+        eval_utts, eval_rejects = usable_utterances(read_manifest(d.eval), sr, d.max_seconds, d.eval, fits)
+        eval_set, rejects = SpeechDataset(eval_utts, sr, d.prompt, d.max_seconds), rejects + eval_rejects
     cache = encoder_fixed
     train_batches = Batcher(train_set, processor, model, device, cache)
     eval_batches = Batcher(eval_set, processor, model, device, cache) if eval_set else None
@@ -421,7 +448,22 @@ def listening_parts(recipe: Recipe, device: torch.device) -> Parts:
                  lambda m, out: save_final(m, processor, out), lambda: build_model(recipe)[0],
                  text_model=lambda m: (m.language_model, processor.tokenizer),
                  samples=(lambda n: _listening_samples(model, processor, eval_set, n)) if eval_set else None,
-                 token_weights=lambda w: _weights(w, {processor.tokenizer.eos_token_id}))
+                 token_weights=lambda w: _weights(w, {processor.tokenizer.eos_token_id}), rejects=rejects)
+
+
+def _prefix_cache_on(recipe: Recipe, model) -> bool:
+    """train.prefix_cache holds when the LLM is frozen and runs without activation checkpointing;
+    otherwise the cache is off, and a recipe that asked for it is told why."""
+    if not recipe.train.prefix_cache:
+        return False
+    why = []
+    if any(p.requires_grad for p in model.language_model.parameters()):
+        why.append("the LLM trains (model.freeze_decoder=false or model.lora on the llm)")
+    if recipe.model.gradient_checkpointing:
+        why.append("model.gradient_checkpointing=true")
+    if why:
+        logger.warning("train.prefix_cache: true -> off, because %s", " and ".join(why))
+    return not why
 
 
 def _weights(weights: dict, special_ids: set, **sound):
@@ -463,7 +505,8 @@ def units_parts(recipe: Recipe, device: torch.device) -> Parts:
     return Parts(lm.model, train_batches, eval_batches, train_batches.durations(), len(train_batches.utterances),
                  lambda m, out: save_units(replace(lm, model=m), out), lambda: build_units_lm(recipe).model,
                  text_model=lambda m: (m, lm.tokenizer),  # text-only scores of the LLM whose vocabulary grew
-                 token_weights=lambda w: _weights(w, specials, first_unit_id=v.first_unit_id, n_units=v.n_units, tokens_per_frame=per_frame))
+                 token_weights=lambda w: _weights(w, specials, first_unit_id=v.first_unit_id, n_units=v.n_units, tokens_per_frame=per_frame),
+                 rejects=train_batches.rejects + (eval_batches.rejects if eval_batches else []))
 
 
 def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
@@ -477,6 +520,9 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t = recipe.train
+    ckpt = checkpoint.latest_checkpoint(out_dir) if resume else None
+    if ckpt is not None:
+        checkpoint.check_same_run(ckpt, recipe.to_dict())  # before any model loads
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     random.seed(t.seed)
@@ -494,6 +540,8 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
     # -- model and data ------------------------------------------------------------------------
     parts = units_parts(recipe, device) if recipe.model.kind == "units" else listening_parts(recipe, device)
     model, train_batches, eval_batches = parts.model, parts.train_batches, parts.eval_batches
+    if main_rank:
+        _record_rejects(out_dir, parts.rejects)
     if t.loss_weights:
         model.token_weights = parts.token_weights(t.loss_weights)
         logger.info("loss weights per token type: %s", model.token_weights.w)
@@ -523,30 +571,23 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
     if world > 1:
         if fsdp and getattr(model, "prefix_cache", None) is not None:
             model.prefix_cache = None  # each rank would build it at its own moment: FSDP needs every rank in step
-            logger.info("train.parallel=fsdp: the prompt-prefix cache is off")
+            logger.warning("train.prefix_cache: true -> off, because train.parallel=fsdp (every rank must run each block together)")
         loss_fn = (lambda m, batch: dpo_loss(m, batch, t.dpo_beta)) if t.objective == "dpo" else loss_of
         runner = wrap(model, loss_fn, t.parallel, device)
     trainable = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP replaces them by shards
     optimizer = make_optimizer(t.optimizer, trainable, lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = warmup_cosine(optimizer, min(t.warmup_steps, t.max_steps), t.max_steps)
+    scheduler = warmup_cosine(optimizer, _warmup_steps(t), t.max_steps)
 
     # -- resume --------------------------------------------------------------------------------
-    step, epoch, next_batch = 0, 0, 0
-    ckpt = checkpoint.latest_checkpoint(out_dir) if resume else None
-    if ckpt is not None:
-        extra = checkpoint.load_checkpoint(ckpt, model, optimizer)
-        scheduler.load_state_dict(extra["scheduler"])
-        _set_rng_state(extra["rng"])
-        step, epoch, next_batch = extra["step"], extra["epoch"], extra["next_batch"]
-        logger.info("resumed from %s at step %d (saved by %d process(es), now %d)", ckpt, step, extra.get("world_size", 1), world)
-    elif resume:
-        logger.warning("--resume: no checkpoint in %s, starting from step 0", out_dir / checkpoint.DIR)
-    elif (out_dir / LOG).exists() and main_rank:
-        (out_dir / LOG).unlink()  # a fresh run owns its log
+    at = _resume(ckpt, out_dir, model, optimizer, scheduler, world) if resume else Position()
+    step, epoch, next_batch = at.step, at.epoch, at.next_batch
 
     from torch.utils.tensorboard import SummaryWriter
 
-    tb = SummaryWriter(str(out_dir / "tb")) if main_rank else None
+    if main_rank:
+        _keep_log_until(out_dir / LOG, step)  # a fresh run owns its log; a resumed one drops the rows it will write again
+    # One TensorBoard run: events from step + 1 on (a killed run's, an older run's) are purged.
+    tb = SummaryWriter(str(out_dir / "tb"), purge_step=step + 1) if main_rank else None
     wb = _wandb_run(recipe, out_dir) if main_rank else None
     log = (out_dir / LOG).open("a", encoding="utf-8") if main_rank else None
 
@@ -577,8 +618,8 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
     # -- the loop ------------------------------------------------------------------------------
     batches = infinite_batches(train_batches.lengths(), t.batch_size, t.seed, epoch, next_batch)
     durations = parts.durations
-    start_time = time.perf_counter()
-    audio_seconds = 0.0
+    start_time = time.perf_counter() - at.elapsed_s  # elapsed_s and train_seconds carry over a resume
+    audio_seconds = at.audio_seconds
     eval_loss = None
     bar = tqdm(total=t.max_steps, initial=step, desc="training", unit="step", disable=not main_rank)
     while step < t.max_steps:
@@ -598,8 +639,9 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
                         loss = loss_of(model, batch) / t.grad_accum
                 loss.backward()
                 loss_sum += loss.item()
-            else:
-                loss, reward_margin = micro_step(runner, train_batches, idx, rank, world, amp)
+            else:  # the same gradient as one process: each micro-batch's mean / grad_accum, weighted as loss_of weights
+                loss, reward_margin = micro_step(runner, train_batches, idx, rank, world, amp, scale=1 / t.grad_accum,
+                                                 token_weights=getattr(model, "token_weights", None))
                 loss_sum += loss / t.grad_accum
             audio_seconds += sum(durations[i] for i in idx)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm))
@@ -630,7 +672,8 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
         if t.save_every and step % t.save_every == 0 and step < t.max_steps:
             checkpoint.save_checkpoint(out_dir, step, model, optimizer, {
                 "scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step, "epoch": epoch,
-                "next_batch": next_batch, "world_size": world, "recipe": recipe.to_dict()}, main_rank)
+                "next_batch": next_batch, "world_size": world, "recipe": recipe.to_dict(),
+                "elapsed_s": time.perf_counter() - start_time, "audio_seconds": audio_seconds}, main_rank)
     bar.close()
     train_seconds = time.perf_counter() - start_time
     if world > 1:
@@ -659,6 +702,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
     parts.save(model, out_dir)
     summary = {"steps": step, "train_seconds": round(train_seconds, 2), "final_loss": loss_sum, "eval_loss": eval_loss,
                "trainable_parameters": n_trainable, "train_utterances": parts.n_utterances, "train_examples": len(durations),
+               "skipped_clips": len(parts.rejects),
                "audio_seconds_per_second": round(audio_seconds / max(train_seconds, 1e-9), 2), "recipe": recipe.to_dict()}
     failed = []
     if gate:
@@ -683,6 +727,70 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False) -> dict:
         raise TextAbilityRegression(f"{out_dir}: the LLM lost text ability in training: {'; '.join(failed)} "
                                     f"(the model is saved; see train_summary.json)")
     return summary
+
+
+def _warmup_steps(t) -> int:
+    """train.warmup_steps, at most max_steps (a longer warm-up would never reach the peak lr)."""
+    if t.warmup_steps > t.max_steps:
+        logger.warning("train.warmup_steps: %d -> %d, because train.max_steps=%d", t.warmup_steps, t.max_steps, t.max_steps)
+    return min(t.warmup_steps, t.max_steps)
+
+
+@dataclass
+class Position:
+    """Where a run stands besides its weights, optimizer and schedule: what a checkpoint's extra holds."""
+
+    step: int = 0
+    epoch: int = 0
+    next_batch: int = 0  # the next batch's index in `epoch`
+    elapsed_s: float = 0.0  # training seconds so far, over every resume
+    audio_seconds: float = 0.0  # audio trained on so far
+
+
+def _resume(ckpt: Path | None, out_dir: Path, model, optimizer, scheduler, world: int) -> Position:
+    """Load checkpoint `ckpt` into model, optimizer, scheduler and RNGs; where it stood."""
+    from . import checkpoint
+
+    if ckpt is None:
+        logger.warning("--resume: no checkpoint in %s, starting from step 0", out_dir / checkpoint.DIR)
+        return Position()
+    extra = checkpoint.load_checkpoint(ckpt, model, optimizer)
+    scheduler.load_state_dict(extra["scheduler"])
+    _set_rng_state(extra["rng"])
+    logger.info("resumed from %s at step %d (saved by %d process(es), now %d)", ckpt, extra["step"], extra.get("world_size", 1), world)
+    return Position(extra["step"], extra["epoch"], extra["next_batch"], extra.get("elapsed_s", 0.0), extra.get("audio_seconds", 0.0))
+
+
+def _keep_log_until(path: Path, step: int) -> None:
+    """Drop the rows of the JSON Lines log after `step` (all of them for step 0), and a line a kill cut short."""
+    if not path.exists():
+        return
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the last line of a killed run, half-written
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            rows.append(row)
+    if rows:
+        atomic.write_jsonl(path, rows)
+    else:
+        path.unlink()
+
+
+def _record_rejects(out_dir: Path, rejects: list[dict], named: int = 20) -> None:
+    """Warn about each manifest clip left out as unusable (the first `named` by name) and list them
+    all in OUT/rejects.jsonl; a run with none leaves no such file."""
+    path = out_dir / "rejects.jsonl"
+    if not rejects:
+        path.unlink(missing_ok=True)  # an earlier run's list, of clips since fixed
+        return
+    for r in rejects[:named]:
+        logger.warning("skipping %s (%s): %s", r["audio"], r["error"], r["reason"])
+    logger.warning("%d unusable clip(s) left out of training%s; all listed in %s", len(rejects),
+                   f" ({len(rejects) - named} more not named here)" if len(rejects) > named else "", path)
+    atomic.write_jsonl(path, rejects)
 
 
 def _wandb_run(recipe: Recipe, out_dir: Path):

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..audio import load_audio
+from ..data.dataset import usable_utterances
 from ..data.manifest import Utterance, read_manifest
 from ..data.sequences import IGNORE, TokenSequence, aligned, asr, interleaved, speech, tts, words_of
 from ..models.vocab import UnitLM, build_unit_lm, save_unit_lm
@@ -111,7 +112,7 @@ class UnitsBatcher:
 
     def __init__(self, lm: UnitLM, recipe: Recipe, manifest: str, device: torch.device, desc: str):
         d = recipe.data
-        self.utterances = read_manifest(manifest)
+        self.utterances, self.rejects = usable_utterances(read_manifest(manifest), lm.audio_tokenizer.sampling_rate, d.max_seconds, manifest)
         start = time.perf_counter()
         units = tokenize_audio(lm.audio_tokenizer, self.utterances, frames=d.format in ("interleaved", "aligned"),
                                batch_size=recipe.train.batch_size, max_seconds=d.max_seconds, desc=desc)
@@ -147,7 +148,7 @@ class UnitsPreferenceBatcher:
         from .trainer import check_pairs, reference_logprobs
 
         d, at = recipe.data, lm.audio_tokenizer
-        self.utterances = read_manifest(manifest)
+        self.utterances, self.rejects = usable_utterances(read_manifest(manifest), at.sampling_rate, d.max_seconds, manifest)
         check_pairs(self.utterances)
         prompts = tokenize_audio(at, self.utterances, frames=d.format == "interleaved", batch_size=recipe.train.batch_size,
                                  max_seconds=d.max_seconds, desc=desc + ": prompts")
@@ -204,6 +205,9 @@ def build_units_lm(recipe: Recipe) -> UnitLM:
         if lm.audio_tokenizer is None:
             raise ValueError(f"{m.init_from}: a units LM without an audio tokenizer (audio_tokenizer/) cannot be trained on audio")
         return lm
+    from .trainer import warn_upcast
+
+    warn_upcast("llm", m.llm)
     audio_tokenizer = load_audio_tokenizer(m.audio_tokenizer)
     model, tokenizer, vocab = build_unit_lm(m.llm, audio_tokenizer.vocab_size)
     return UnitLM(model, tokenizer, vocab, audio_tokenizer)
