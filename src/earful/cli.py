@@ -1,8 +1,9 @@
 """`earful <stage> <verb>`: every stage of a speech LM's life from the command line.
 
 Each verb is a plain function; its docstring is its help. Errors in what the user gave (a bad
-option, audio file, recipe, manifest or model spec: any `EarfulError`) print one line and exit
-with status 2; anything else is a bug and keeps its traceback.
+option, audio file, recipe, manifest or model spec: any `EarfulError`) and paths the system refuses
+(an `OSError`) print one line (`-v` adds the traceback) and exit with status 2; anything else is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -646,7 +647,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args) or 0
-    except (EarfulError, FileNotFoundError) as e:
+    except (EarfulError, OSError) as e:  # what the user gave, or a path the system refuses (exists, is a folder, ...)
+        logger.debug("the error in full", exc_info=True)  # -v shows where
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
