@@ -135,6 +135,16 @@ def test_a_prompt_without_one_audio_placeholder_is_one_line(capsys, argv):
     assert code == 2 and err.startswith("error: --prompt: ") and "<|audio|>" in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_an_output_path_the_system_refuses_is_one_line(capsys, fsdd, tmp_path):
+    """--out naming a folder, or a path under a file: an OSError, reported like any user error."""
+    (tmp_path / "rec").mkdir()
+    (tmp_path / "rec" / "7_jackson_0.wav").write_bytes((fsdd / "recordings" / "7_jackson_0.wav").read_bytes())
+    (tmp_path / "a_file").write_text("")
+    for out in (tmp_path / "rec", tmp_path / "a_file" / "m.jsonl"):
+        code, err = _main(capsys, "data", "prepare", "fsdd", tmp_path / "rec", "--out", out)
+        assert code == 2 and err.startswith("error: [Errno ") and len(err.strip().splitlines()) == 1, err
+
+
 def test_ingest_min_seconds_above_max_seconds_is_an_error(capsys, tmp_path):
     code, err = _main(capsys, "data", "ingest", tmp_path, "--out", tmp_path / "o", "--min-seconds", "5", "--max-seconds", "2")
     assert code == 2 and "--min-seconds 5 must be less than --max-seconds 2" in err
