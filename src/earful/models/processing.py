@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoFeatureExtractor, AutoTokenizer
+from transformers import AutoFeatureExtractor, AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers.utils import PROCESSOR_NAME
 
-from .configuration import SpeechLMConfig
+from .configuration import ModelInputError, SpeechLMConfig
 from .encoders import encoder_output_lengths, stacked_lengths
 
-PROCESSOR_FILE = "earful_processor.json"
+PROCESSOR_FILE = "earful_processor.json"  # the prompt format of folders saved before processor_config.json
 DEFAULT_PROMPT = "Transcribe the audio: <|audio|>"
 
 
@@ -106,14 +107,28 @@ def featurize(feature_extractor, encoder_config, waves: list[np.ndarray]) -> dic
     return pad_features([clip_features(feature_extractor, encoder_config, w, f"<audio {i}>") for i, w in enumerate(waves)])
 
 
-class SpeechLMProcessor:
-    def __init__(self, tokenizer, feature_extractor, config: SpeechLMConfig, prompt_format: PromptFormat | None = None):
-        self.tokenizer = tokenizer
-        self.feature_extractor = feature_extractor
-        self.config = config
-        self.prompt_format = prompt_format or PromptFormat()
-        if self.prompt_format.use_chat_template and not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
+class SpeechLMProcessor(ProcessorMixin):
+    """The listening LM's processor, a transformers `ProcessorMixin` (as Voxtral's and Qwen2-Audio's):
+    `AutoProcessor.from_pretrained(folder)`, `save_pretrained`, and `apply_chat_template` with audio
+    content parts, beside earful's own calls (`processor(waves, prompts, responses)`, `text_batch`,
+    `conversation_ids`, `pad`, `decode`) that the trainer, eval and the server use.
+
+    tokenizer: the LLM's, with `<|audio|>` added. feature_extractor: the encoder's.
+    config: the model's `SpeechLMConfig`; the processor reads (and saves) its audio token, stack
+    factor and encoder config, which say how many placeholders a clip takes.
+    prompt_format: how a prompt is laid out (system prompt, chat template or raw, default prompt).
+    """
+
+    def __init__(self, tokenizer=None, feature_extractor=None, config: SpeechLMConfig | dict | None = None,
+                 prompt_format: PromptFormat | dict | None = None, chat_template: str | None = None):
+        if config is None:
+            raise ModelInputError("SpeechLMProcessor needs the model's SpeechLMConfig (config=...): it says how many placeholders a clip takes")
+        self.config = SpeechLMConfig(**config) if isinstance(config, dict) else config
+        self.prompt_format = PromptFormat(**prompt_format) if isinstance(prompt_format, dict) else (prompt_format or PromptFormat())
+        self.audio_token, self.audio_token_id = self.config.audio_token, self.config.audio_token_id
+        super().__init__(tokenizer, feature_extractor, chat_template=chat_template)
+        if self.prompt_format.use_chat_template and not self._template():
+            raise ModelInputError(
                 "the LLM's tokenizer has no chat template: set prompt_format.use_chat_template=false (model.chat_template: false in a recipe)"
             )
 
@@ -121,13 +136,48 @@ class SpeechLMProcessor:
     def sampling_rate(self) -> int:
         return self.feature_extractor.sampling_rate
 
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "input_features", "input_features_mask"]
+
+    def _template(self, chat_template: str | None = None) -> str | None:
+        return chat_template or self.chat_template or getattr(self.tokenizer, "chat_template", None)
+
+    # -- saving and loading ----------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """processor_config.json: the feature extractor, the prompt format, and the config fields it reads."""
+        out = super().to_dict()
+        c = self.config
+        out["config"] = {"audio_token": c.audio_token, "audio_token_id": c.audio_token_id, "stack_factor": c.stack_factor,
+                         "encoder_config": c.encoder_config.to_dict()}
+        out["prompt_format"] = asdict(self.prompt_format)
+        return out
+
+    def save_pretrained(self, save_directory, **kwargs):
+        files = super().save_pretrained(save_directory, **kwargs)
+        # The feature extractor's own file too: what reads the audio rate or the extractor alone
+        # (`from_pretrained_sampling_rate`, `AutoFeatureExtractor`) finds it where it always was.
+        self.feature_extractor.save_pretrained(save_directory)
+        return files
+
     @classmethod
-    def from_pretrained(cls, folder: str | Path, config: SpeechLMConfig | None = None) -> SpeechLMProcessor:
-        folder = Path(folder)
-        config = config or SpeechLMConfig.from_pretrained(folder)
-        fmt_path = folder / PROCESSOR_FILE
-        fmt = PromptFormat(**json.loads(fmt_path.read_text())) if fmt_path.exists() else PromptFormat()
-        return cls(AutoTokenizer.from_pretrained(folder), AutoFeatureExtractor.from_pretrained(folder), config, fmt)
+    def from_pretrained(cls, pretrained_model_name_or_path, config: SpeechLMConfig | None = None, **kwargs) -> SpeechLMProcessor:
+        """A saved processor (`AutoProcessor.from_pretrained` ends here). `config`, when given (the
+        loaded model's), replaces the fields read from the folder, so processor and model share it.
+
+        Folders saved before the processor was a ProcessorMixin (no processor_config.json: the
+        prompt format in earful_processor.json) load too.
+        """
+        folder = Path(str(pretrained_model_name_or_path))
+        if folder.is_dir() and not (folder / PROCESSOR_NAME).is_file():
+            fmt_path = folder / PROCESSOR_FILE
+            fmt = PromptFormat(**json.loads(fmt_path.read_text())) if fmt_path.exists() else PromptFormat()
+            return cls(AutoTokenizer.from_pretrained(folder), AutoFeatureExtractor.from_pretrained(folder),
+                       config or SpeechLMConfig.from_pretrained(folder), fmt)
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if config is not None:
+            processor.config = config
+        return processor
 
     @staticmethod
     def from_pretrained_sampling_rate(folder: str | Path) -> int:
@@ -138,12 +188,6 @@ class SpeechLMProcessor:
         if not path.is_file():
             raise FileNotFoundError(f"{path.parent}: not an earful model folder (no preprocessor_config.json)")
         return int(json.loads(path.read_text())["sampling_rate"])
-
-    def save_pretrained(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        self.tokenizer.save_pretrained(folder)
-        self.feature_extractor.save_pretrained(folder)
-        (folder / PROCESSOR_FILE).write_text(json.dumps(asdict(self.prompt_format), indent=2) + "\n")
 
     # -- audio -----------------------------------------------------------------------------------
     def featurize(self, waves: list[np.ndarray]) -> dict[str, torch.Tensor]:
@@ -159,8 +203,31 @@ class SpeechLMProcessor:
         """Token ids of a user turn holding one `<|audio|>`, expanded to `n_audio` placeholders."""
         token = self.config.audio_token
         if prompt.count(token) != 1:
-            raise ValueError(f"a prompt must hold exactly one {token} placeholder, found {prompt.count(token)} in {prompt!r}")
+            raise ModelInputError(f"a prompt must hold exactly one {token} placeholder, found {prompt.count(token)} in {prompt!r}")
         return self.conversation_ids([{"role": "user", "content": prompt}], [n_audio])
+
+    def conversation_text(self, messages: list[dict], add_generation_prompt: bool = True, chat_template: str | None = None,
+                          **template_kwargs) -> str:
+        """A conversation laid out as the model reads it, one `<|audio|>` per clip (not yet expanded).
+
+        `messages` are `{"role", "content"}` dicts with text content. Without a system message, the
+        model's own (the one it was trained with) goes first.
+        """
+        if self.prompt_format.use_chat_template:
+            if self.prompt_format.system_prompt is not None and not any(m["role"] == "system" for m in messages):
+                messages = [{"role": "system", "content": self.prompt_format.system_prompt}, *messages]
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                                      chat_template=self._template(chat_template), **template_kwargs)
+        return "\n".join(m["content"] for m in messages)
+
+    def expanded_ids(self, text: str, n_audio: list[int]) -> list[int]:
+        """Token ids of laid-out text, its i-th `<|audio|>` expanded to `n_audio[i]` placeholders."""
+        token = self.config.audio_token
+        pieces = text.split(token)
+        if len(pieces) - 1 != len(n_audio):
+            raise ModelInputError(f"the text holds {len(pieces) - 1} {token} placeholders for {len(n_audio)} clips")
+        text = pieces[0] + "".join(token * n + rest for n, rest in zip(n_audio, pieces[1:]))
+        return self.tokenizer(text, add_special_tokens=not self.prompt_format.use_chat_template)["input_ids"]
 
     def conversation_ids(self, messages: list[dict], n_audio: list[int]) -> list[int]:
         """Token ids of a conversation ending in a user turn, ready for the assistant's answer.
@@ -172,38 +239,129 @@ class SpeechLMProcessor:
         token = self.config.audio_token
         found = sum(m["content"].count(token) for m in messages)
         if found != len(n_audio):
-            raise ValueError(f"the conversation holds {found} {token} placeholders for {len(n_audio)} clips")
-        if self.prompt_format.use_chat_template:
-            if self.prompt_format.system_prompt is not None and not any(m["role"] == "system" for m in messages):
-                messages = [{"role": "system", "content": self.prompt_format.system_prompt}, *messages]
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:
-            text = "\n".join(m["content"] for m in messages)
-        pieces = text.split(token)
-        text = pieces[0] + "".join(token * n + rest for n, rest in zip(n_audio, pieces[1:]))
-        return self.tokenizer(text, add_special_tokens=not self.prompt_format.use_chat_template)["input_ids"]
+            raise ModelInputError(f"the conversation holds {found} {token} placeholders for {len(n_audio)} clips")
+        return self.expanded_ids(self.conversation_text(messages), n_audio)
 
     def response_ids(self, response: str) -> list[int]:
         """The answer's tokens and the end-of-turn token, which teaches the model to stop."""
         ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
         return ids + [self.tokenizer.eos_token_id]
 
+    # -- chat templates with audio parts, as transformers' audio processors take them -------------
+    def _load_part(self, part: dict, where: str) -> np.ndarray:
+        if "audio" in part:
+            wave = part["audio"]
+            wave = wave.detach().cpu().numpy() if isinstance(wave, torch.Tensor) else np.asarray(wave)
+            return wave.astype(np.float32).reshape(-1)  # a waveform at the feature extractor's rate
+        source = part.get("path", part.get("url"))
+        if not isinstance(source, (str, Path)):
+            raise ModelInputError(f"{where}: an audio part holds 'audio' (a waveform at {self.sampling_rate} Hz), 'path' or 'url'; found {sorted(part)}")
+        if str(source).startswith(("http://", "https://")):
+            from transformers.audio_utils import load_audio as load_url
+
+            return np.asarray(load_url(str(source), sampling_rate=self.sampling_rate), dtype=np.float32)
+        from ..audio import load_audio
+
+        return load_audio(source, self.sampling_rate)
+
+    def _text_messages(self, conversation: list[dict], where: str) -> tuple[list[dict], list[np.ndarray]]:
+        """Messages with content parts -> text messages (one `<|audio|>` per audio part) and the clips.
+
+        Parts are joined by spaces, and a turn of audio alone asks the default prompt, as the
+        server lays out a request (so both give the ids the model was trained on).
+        """
+        token, messages, waves = self.config.audio_token, [], []
+        for i, m in enumerate(conversation):
+            content = m.get("content")
+            if isinstance(content, str):
+                messages.append({"role": m["role"], "content": content})
+                continue
+            pieces, n_clips = [], 0
+            for j, part in enumerate(content or []):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
+                    if token in part["text"]:
+                        raise ModelInputError(f"{where}[{i}].content[{j}]: text may not hold {token}; give audio as an audio part")
+                    if part["text"].strip():
+                        pieces.append(part["text"].strip())
+                elif kind == "audio":
+                    waves.append(self._load_part(part, f"{where}[{i}].content[{j}]"))
+                    pieces.append(token)
+                    n_clips += 1
+                else:
+                    raise ModelInputError(f"{where}[{i}].content[{j}]: expected a {{'type': 'text'}} or {{'type': 'audio'}} part, found {part!r:.80}")
+            text = " ".join(pieces)
+            if n_clips == 1 and text == token:
+                text = self.prompt_format.default_prompt
+            messages.append({"role": m["role"], "content": text})
+        return messages, waves
+
+    def apply_chat_template(self, conversation: list[dict] | list[list[dict]], chat_template: str | None = None,
+                            add_generation_prompt: bool = False, tokenize: bool = False, return_dict: bool = False,
+                            return_tensors: str | None = "pt", padding_side: str = "left", **template_kwargs):
+        """A conversation (or a batch of them) with audio content parts, as transformers' audio
+        processors take it: `{"type": "audio", "path" | "url" | "audio": ...}` and `{"type": "text", "text": ...}`.
+
+        tokenize=False: the laid-out text (one `<|audio|>` per clip), to pass back as `processor(text=..., audio=...)`.
+        tokenize=True: the input ids; with return_dict=True the whole batch `generate` takes
+        (`input_ids`, `attention_mask`, `input_features`, `input_features_mask`), left-padded.
+        """
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        conversations = conversation if batched else [conversation]
+        texts, clips = [], []
+        for c, conv in enumerate(conversations):
+            messages, waves = self._text_messages(list(conv), f"conversation[{c}]" if batched else "conversation")
+            texts.append(self.conversation_text(messages, add_generation_prompt, chat_template, **template_kwargs))
+            clips.append(waves)
+        if not tokenize:
+            return texts if batched else texts[0]
+        out = self(text=texts, audio=[w for ws in clips for w in ws] or None, padding_side=padding_side, return_tensors=return_tensors)
+        return out if return_dict else out["input_ids"]
+
+    # -- batches ---------------------------------------------------------------------------------
     def __call__(
         self,
         audio: list[np.ndarray] | None = None,
-        prompts: list[str] | str = DEFAULT_PROMPT,
+        prompts: list[str] | str | None = None,
         responses: list[str] | None = None,
         audio_features: dict[str, torch.Tensor] | None = None,
         padding_side: str | None = None,
-    ) -> dict[str, torch.Tensor]:
+        text: list[str] | str | None = None,
+        sampling_rate: int | None = None,
+        return_tensors: str | None = "pt",
+    ) -> BatchFeature:
         """Build a batch. With `responses`, `labels` cover the response tokens only (-100 elsewhere).
 
-        `audio_features` may replace `audio` when features are already computed (the trainer
-        caches them). Padding is on the right for training, on the left for generation.
+        `prompts` are user turns holding one `<|audio|>` each, one per clip (default: the prompt the
+        model was trained with), laid out by the processor. `text` instead is text already laid
+        out (`apply_chat_template(..., tokenize=False)`), its `<|audio|>`s taking the clips in
+        order, as transformers' processors take it. `audio_features` may replace `audio` when
+        features are already computed (the trainer caches them). Padding is on the right for
+        training, on the left for generation.
         """
-        features = audio_features if audio_features is not None else self.featurize(audio)
-        n_audio = self.audio_positions(features["input_features_mask"].sum(-1)).tolist()
-        return {**self.text_batch(prompts, n_audio, responses, padding_side), **features}
+        if return_tensors not in ("pt", None):
+            raise ModelInputError(f"return_tensors: only 'pt' (torch) is supported, found {return_tensors!r}")
+        if sampling_rate is not None and sampling_rate != self.sampling_rate:
+            raise ModelInputError(f"audio at {sampling_rate} Hz: this model's feature extractor takes {self.sampling_rate} Hz; "
+                                  f"resample it first (earful.audio.load_audio(path, {self.sampling_rate}))")
+        if audio is None and audio_features is None and text is None:
+            raise ModelInputError("give audio (waveforms), audio_features, or text")
+        features = audio_features if audio_features is not None else (self.featurize(audio) if audio is not None else {})
+        n_audio = self.audio_positions(features["input_features_mask"].sum(-1)).tolist() if features else []
+        if text is None:
+            batch = self.text_batch(prompts or self.prompt_format.default_prompt, n_audio, responses, padding_side)
+        else:
+            if prompts is not None or responses is not None:
+                raise ModelInputError("give either text (laid out) or prompts/responses (user turns), not both")
+            texts = [text] if isinstance(text, str) else list(text)
+            token, rows, k = self.config.audio_token, [], 0
+            for t in texts:
+                rows.append(self.expanded_ids(t, n_audio[k : k + t.count(token)]))
+                k += t.count(token)
+            if k != len(n_audio):
+                raise ModelInputError(f"the text holds {k} {token} placeholders for {len(n_audio)} clips")
+            batch = self.pad(rows, padding_side or "left")
+        return BatchFeature({**batch, **features})
 
     def text_batch(
         self,
@@ -243,5 +401,9 @@ class SpeechLMProcessor:
             attention_mask[i, span] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
-    def decode(self, ids: torch.Tensor) -> list[str]:
-        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    def decode(self, ids, **kwargs) -> list[str] | str:
+        """A batch of id rows (B, L) -> their texts, stripped, special tokens skipped (earful's form);
+        one row (L,) -> its text, as transformers' `decode` gives it."""
+        if isinstance(ids, torch.Tensor) and ids.ndim == 1 or (isinstance(ids, list) and ids and isinstance(ids[0], int)):
+            return self.tokenizer.decode(ids, **kwargs)
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True, **kwargs)]
