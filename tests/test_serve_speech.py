@@ -95,6 +95,22 @@ def test_speaking_model_errors(server):
         assert r.status_code == 400 and "input_audio" in r.json()["error"]["message"]
         r = http.post("/v1/audio/transcriptions", data={"model": MODEL}, files={"file": ("a.wav", (FSDD_REC / "4_george_2.wav").read_bytes())})
         assert r.status_code == 400 and "does not transcribe" in r.json()["error"]["message"]
+        # Sampling options of the wrong type or out of range are a 400 naming the field (temperature=3 was a 500).
+        spoken = {**body, "modalities": ["text", "audio"], "max_tokens": 6}
+        for extra, param in (({"temperature": 3}, "temperature"), ({"seed": "x"}, "seed"), ({"stop": "x"}, "stop"),
+                             ({"stream": "false"}, "stream")):
+            r = http.post("/v1/chat/completions", json={**spoken, **extra})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_a_tiny_temperature_speaks_greedily(server):
+    """temperature=1e-45 is greedy decoding, the same answer as temperature 0, not NaN probabilities and a 500."""
+    with httpx.Client(base_url=server, timeout=60) as http:
+        body = {"model": MODEL, "modalities": ["text", "audio"], "max_tokens": 12,
+                "messages": [{"role": "user", "content": [audio_part(FSDD_REC / "4_george_2.wav")]}]}
+        answers = [http.post("/v1/chat/completions", json={**body, "temperature": t}) for t in (0, 1e-45)]
+        assert [r.status_code for r in answers] == [200, 200], answers[-1].text
+        assert answers[0].json()["choices"][0]["message"]["audio"]["data"] == answers[1].json()["choices"][0]["message"]["audio"]["data"]
 
 
 def test_earful_load_gives_a_speaking_model(codec_lm_dir, fsdd):

@@ -291,15 +291,39 @@ def units_fit(data: str, k: str, out: str, layer: int | None = None, encoder: st
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, name: str | None = None,
-          max_upload_mb: float = 25.0, max_audio_seconds: float = 120.0, max_batch_size: int = 8, ui: bool = True) -> int:
+          max_upload_mb: float = 25.0, max_audio_seconds: float = 120.0, max_batch_size: int = 8, ui: bool = True,
+          max_queue: int = 64, max_request_audio_seconds: float = 120.0, max_clips: int = 8, read_timeout: float = 15.0) -> int:
     """Serve a trained model over an OpenAI-compatible HTTP API, with a Gradio voice UI on /ui.
 
     Routes: POST /v1/chat/completions (input_audio content parts, stream), POST
     /v1/audio/transcriptions, GET /v1/models, GET /health. A units LM with a codec tokenizer
     answers in speech (modalities ["text", "audio"]). With --api-key (or EARFUL_API_KEY)
     the API wants 'Authorization: Bearer KEY' and the UI asks for the key as its password.
+    Past --max-queue waiting requests the API answers 429 with Retry-After; a body that sends
+    nothing for --read-timeout seconds gets a 408. The address is bound before the model loads,
+    so a port in use is an error at once.
     """
+    import errno
     import os
+    import socket
+
+    problems = [f"--port {port}: expected 1 to 65535"] if not 0 < port < 65536 else []
+    for flag, value in (("--max-upload-mb", max_upload_mb), ("--max-audio-seconds", max_audio_seconds),
+                        ("--max-batch-size", max_batch_size), ("--max-queue", max_queue),
+                        ("--max-request-audio-seconds", max_request_audio_seconds), ("--max-clips", max_clips),
+                        ("--read-timeout", read_timeout)):
+        if not value > 0:
+            problems.append(f"{flag} {value}: must be above 0")
+    if problems:
+        raise UsageError("; ".join(problems))
+    try:  # bind first: a busy port or a bad host fails in a second, not after the model has loaded
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:  # socket.gaierror included
+        why = "the port is in use (another server?); pick another with --port" if e.errno == errno.EADDRINUSE else e.strerror or e
+        raise UsageError(f"--host {host} --port {port}: cannot listen there: {why}") from None
 
     import uvicorn
 
@@ -307,13 +331,19 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     from .serve.engine import load
 
     api_key = api_key or os.environ.get("EARFUL_API_KEY") or None
-    lm = load(model, name=name, max_batch_size=max_batch_size, max_audio_seconds=max_audio_seconds)
-    app = create_app(lm, api_key=api_key, max_upload_bytes=int(max_upload_mb * 1024 * 1024), ui=ui)
+    try:
+        lm = load(model, name=name, max_batch_size=max_batch_size, max_audio_seconds=max_audio_seconds, max_queue=max_queue,
+                  max_request_audio_seconds=max_request_audio_seconds, max_clips=max_clips)
+        app = create_app(lm, api_key=api_key, max_upload_bytes=int(max_upload_mb * 1024 * 1024), read_timeout_s=read_timeout, ui=ui)
+    except BaseException:
+        sock.close()
+        raise
     print(f"serving {lm.name!r} on http://{host}:{port}/v1 (UI: {'http://%s:%d/ui' % (host, port) if ui else 'off'})", flush=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     finally:
         lm.close()
+        sock.close()
     return 0
 
 
@@ -632,8 +662,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-upload-mb", type=float, default=25.0, help="largest request body, MB (default 25; larger gets 413)")
     s.add_argument("--max-audio-seconds", type=float, default=120.0, help="longest clip accepted (default 120)")
     s.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests that may wait for the model; more get 429 + Retry-After (default 64)")
+    s.add_argument("--max-request-audio-seconds", type=float, default=120.0, help="audio in one request, all clips together (default 120)")
+    s.add_argument("--max-clips", type=int, default=8, help="audio clips in one request (default 8)")
+    s.add_argument("--read-timeout", type=float, default=15.0, help="seconds a request body may send nothing before a 408 (default 15)")
     s.add_argument("--no-ui", dest="ui", action="store_false", help="don't mount the Gradio UI on /ui")
-    s.set_defaults(fn=lambda a: serve(a.model, a.host, a.port, a.api_key, a.name, a.max_upload_mb, a.max_audio_seconds, a.max_batch_size, a.ui))
+    s.set_defaults(fn=lambda a: serve(a.model, a.host, a.port, a.api_key, a.name, a.max_upload_mb, a.max_audio_seconds, a.max_batch_size, a.ui,
+                                      a.max_queue, a.max_request_audio_seconds, a.max_clips, a.read_timeout))
     return p
 
 

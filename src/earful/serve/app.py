@@ -1,13 +1,16 @@
 """The OpenAI-compatible HTTP API (FastAPI) in front of a `SpeechLM`, with the Gradio UI on `/ui`.
 
 Routes: `POST /v1/chat/completions` (text and `input_audio` content parts, multi-turn, `stream`
-as server-sent events), `POST /v1/audio/transcriptions` (multipart `file`), `GET /v1/models`,
-`GET /health`. Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so
-the official clients raise their usual exceptions: 400 for a malformed request (the message names
-the field and the problem), 401 without the API key, 404 for an unknown model, 413 for an upload
-over the size limit.
+as server-sent events, `stop`, `seed`), `POST /v1/audio/transcriptions` (multipart `file`),
+`GET /v1/models`, `GET /health`. Every error uses OpenAI's shape, `{"error": {"message", "type",
+"param", "code"}}`, so the official clients raise their usual exceptions: 400 for a malformed
+request (the message names the field and the problem; a field of the wrong type too, never
+ignored), 401 without the API key, 404 for an unknown model or route, 408 for a body that stops
+arriving, 413 for a body over the size limit, 429 with `Retry-After` when the queue is full, and
+500 (logged with its traceback) for a fault of the server's own.
 
-Request audio is decoded in memory: no path or file name from a request reaches the disk.
+A client that leaves is let go: its generation is cancelled at the next token and the log gets
+one line. Request audio is decoded in memory: no path or file name from a request reaches the disk.
 """
 
 from __future__ import annotations
@@ -23,57 +26,93 @@ import uuid
 from pathlib import PurePath
 
 import numpy as np
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..audio import AudioError
-from .engine import DecodingOptions, RequestError, SpeakingLM, SpeechLM
+from .engine import MAX_STOP_SEQUENCES, DecodingOptions, RequestError, ServerBusy, SpeakingLM, SpeechLM
 
 logger = logging.getLogger(__name__)
 
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
 DEFAULT_MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # OpenAI's limit for /v1/audio/transcriptions
+DEFAULT_READ_TIMEOUT_S = 15.0  # a body that sends nothing for this long gets a 408
+# A body over the limit is read and dropped, up to this much, before the 413: clients such as
+# Python's urllib read the answer only once they have sent the whole body.
+DRAIN_MAX_BYTES = 256 * 1024 * 1024
+DRAIN_MAX_SECONDS = 10.0
+MAX_JSON_DEPTH = 32  # a chat request needs 6 levels; deeper is refused before anything walks it
+DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
+# Options that would change the answer, which this server cannot honour: refused, not ignored.
+# name -> the values that mean "not used".
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "functions": (None, []),
+               "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"), "logit_bias": (None, {}),
+               "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "response_format": (None, {"type": "text"}),
+               "prediction": (None,)}
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type, param, code, headers
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}, self.status)
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}},
+                            self.status, headers=self.headers)
 
 
-class BodySizeLimit:
-    """ASGI middleware: 413 for a body over `limit` bytes, from Content-Length or while it streams in."""
+class BodyGuard:
+    """ASGI middleware for request bodies: a size limit (413), a read timeout (408), quiet disconnects.
 
-    class _TooLarge(Exception):
-        pass
+    - Over `limit` by Content-Length: a client that sent `Expect: 100-continue` gets the 413 before
+      any body (no 100 Continue); any other has its body read and dropped (up to DRAIN_MAX_BYTES
+      within DRAIN_MAX_SECONDS) first, so that it is done sending when the 413 comes, then the
+      connection is closed. A body without Content-Length is counted as it streams in, the same.
+    - No body bytes for `read_timeout_s` while the app waits for them: 408, connection closed.
+    - A client that leaves mid-body or mid-answer is one line in the log, not a traceback.
+    - Any other exception is a 500 in OpenAI's shape, its traceback logged once; the connection stays open.
+    """
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    class Abort(Exception):
+        def __init__(self, status: int, message: str, code: str):
+            super().__init__(message)
+            self.status, self.message, self.code = status, message, code
 
-    def _reject(self) -> JSONResponse:
-        return ApiError(413, f"request body over the {self.limit} byte limit", code="request_too_large").response()
+    def __init__(self, app, limit: int, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S):
+        self.app, self.limit, self.read_timeout_s = app, limit, read_timeout_s
+
+    def _too_large(self) -> Abort:
+        return self.Abort(413, f"request body over the {self.limit} byte limit", "request_too_large")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._reject()(scope, receive, send)
-        seen, started = 0, False
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            if headers.get(b"expect", b"").lower() != b"100-continue":
+                await _drain(receive)
+            return await self._answer(self._too_large(), scope, receive, send)
+        seen, body_done, started = 0, False, False
 
-        async def counted_receive():
-            nonlocal seen
-            message = await receive()
+        async def guarded_receive():
+            nonlocal seen, body_done
+            if body_done:  # later calls (disconnect checks) go straight through
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except asyncio.TimeoutError:
+                raise self.Abort(408, f"no request body bytes for {self.read_timeout_s:g} s", "request_timeout") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise self._TooLarge
+                    raise self._too_large()
+                body_done = not message.get("more_body", False)
             return message
 
         async def tracked_send(message):
@@ -82,43 +121,138 @@ class BodySizeLimit:
             await send(message)
 
         try:
-            await self.app(scope, counted_receive, tracked_send)
-        except self._TooLarge:
+            await self.app(scope, guarded_receive, tracked_send)
+        except self.Abort as e:
+            if e.status == 413:
+                await _drain(receive)
+            logger.info("%s %s: %d %s", scope["method"], scope["path"], e.status, e.message)
             if not started:
-                await self._reject()(scope, receive, send)
+                await self._answer(e, scope, receive, send)
+        except ClientDisconnect:
+            logger.info("%s %s: the client disconnected before its answer", scope["method"], scope["path"])
+        except Exception as e:  # a fault of the server's own: logged with its traceback, answered in OpenAI's shape
+            logger.exception("%s %s: the server failed", scope["method"], scope["path"])
+            if not started:
+                error = ApiError(500, f"the server failed on this request ({type(e).__name__}); the server's log has the details",
+                                 type="server_error")
+                await error.response()(scope, receive, send)
+
+    async def _answer(self, e: Abort, scope, receive, send) -> None:
+        error = ApiError(e.status, e.message, code=e.code, headers={"Connection": "close"})
+        await error.response()(scope, receive, send)
 
 
-def _int_field(body: dict, name: str, default):
-    value = body.get(name, default)
+async def _drain(receive) -> None:
+    """Read and drop what is left of a request body, up to DRAIN_MAX_BYTES within DRAIN_MAX_SECONDS."""
+    loop = asyncio.get_running_loop()
+    deadline, seen = loop.time() + DRAIN_MAX_SECONDS, 0
+    while seen < DRAIN_MAX_BYTES:
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            return
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        seen += len(message.get("body", b""))
+
+
+# -- reading a chat request ------------------------------------------------------------------------
+def parse_json_body(raw: bytes) -> object:
+    def no_constant(name: str):
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        body = json.loads(raw, parse_constant=no_constant)
+    except RecursionError:
+        raise ApiError(400, f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    except ValueError as e:  # JSONDecodeError, bad UTF-8, NaN/Infinity, an integer of thousands of digits
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    return body
+
+
+def _show(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _typed(body: dict, name: str, kinds: type | tuple, what: str, default=None):
+    """body[name], which must be one of `kinds` (null is the default); a bool is never a number."""
+    value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ApiError(400, f"{name}: expected a number, got {json.dumps(value)[:40]}", param=name)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,))):
+        raise ApiError(400, f"{name}: expected {what}, got {_show(value)}", param=name)
     return value
 
 
-def parse_chat_request(body: object, model_name: str, speaks: bool = False) -> tuple[list[dict], DecodingOptions, bool, bool]:
+def _integer(body: dict, name: str, default, low: int | None = None, high: int | None = None):
+    value = _typed(body, name, (int, float), "an integer", default)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ApiError(400, f"{name}: expected an integer, got {_show(value)}", param=name)
+        value = int(value)
+    if value is not None and ((low is not None and value < low) or (high is not None and value > high)):
+        raise ApiError(400, f"{name}: must be between {low} and {high}, got {value}", param=name)
+    return value
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    value = float(_typed(body, name, (int, float), "a number", default))
+    if not (low < value if low_open else low <= value) or not value <= high:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ApiError(400, f"{name}: must be in {interval}, got {value:g}", param=name)
+    return value
+
+
+def parse_chat_request(body: object, model_name: str, speaks: bool = False,
+                       max_clips: int | None = None) -> tuple[list[dict], DecodingOptions, bool, bool]:
     """OpenAI chat-completion JSON -> (engine messages, options, stream, include_usage).
 
     `speaks`: the model answers in audio (a units LM with a codec), which must be asked for with
     `modalities: ["text", "audio"]` and `audio: {"format": "wav"}`, as OpenAI's audio output is.
+    `max_clips`: more input_audio parts than this are refused before any is decoded.
     """
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     _check_model(body.get("model"), model_name)
+    for name, unused in UNSUPPORTED.items():
+        if name in body and body[name] not in unused:
+            raise ApiError(400, f"{name}: not supported by this server (it would be ignored); leave it out", param=name)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages: expected a non-empty list of messages", param="messages")
-    if "audio" in (body.get("modalities") or []) and not speaks:
+    modalities = _typed(body, "modalities", list, 'a list such as ["text"]', ["text"])
+    if not all(m in ("text", "audio") for m in modalities):
+        raise ApiError(400, f'modalities: expected "text" and/or "audio", got {_show(modalities)}', param="modalities")
+    if "audio" in modalities and not speaks:
         raise ApiError(400, f"modalities: {model_name} is a listening model and answers in text only", param="modalities")
     if speaks:
-        if "audio" not in (body.get("modalities") or []):
+        if "audio" not in modalities:
             raise ApiError(400, f'modalities: {model_name} answers in speech; ask with "modalities": ["text", "audio"]', param="modalities")
-        fmt = (body.get("audio") or {}).get("format", "wav") if isinstance(body.get("audio"), dict) else "wav"
+        fmt = _typed(body, "audio", dict, 'an object such as {"format": "wav"}', {}).get("format", "wav")
         if fmt != "wav":
-            raise ApiError(400, f"audio.format: {json.dumps(fmt)} is not supported; this server speaks wav", param="audio")
-    if _int_field(body, "n", 1) != 1:
+            raise ApiError(400, f"audio.format: {_show(fmt)} is not supported; this server speaks wav", param="audio")
+    if _integer(body, "n", 1) != 1:
         raise ApiError(400, "n: only one choice per request is supported", param="n")
+    stream = _typed(body, "stream", bool, "true or false", False)
+    stream_options = _typed(body, "stream_options", dict, 'an object such as {"include_usage": true}')
+    if stream_options is not None and not stream:
+        raise ApiError(400, "stream_options: only allowed when stream is true", param="stream_options")
+    include_usage = bool(_typed(stream_options or {}, "include_usage", bool, "true or false", False))
+    n_clips = sum(1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+                  for p in m["content"] if isinstance(p, dict) and p.get("type") == "input_audio")
+    if max_clips is not None and n_clips > max_clips:
+        raise ApiError(400, f"messages: {n_clips} input_audio parts in one request, over this server's limit of {max_clips}",
+                       param="messages")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
@@ -126,6 +260,9 @@ def parse_chat_request(body: object, model_name: str, speaks: bool = False) -> t
         role, content = m.get("role"), m.get("content")
         if role == "developer":
             role = "system"
+        if role not in ("system", "user", "assistant"):
+            raise ApiError(400, f"messages[{i}].role: expected system, developer, user or assistant, got {_show(role)}",
+                           param=f"messages[{i}].role")
         if isinstance(content, str):
             out.append({"role": role, "content": content})
             continue
@@ -140,19 +277,24 @@ def parse_chat_request(body: object, model_name: str, speaks: bool = False) -> t
             elif kind == "input_audio":
                 parts.append(_audio_part(part.get("input_audio"), where))
             else:
-                raise ApiError(400, f"{where}: unsupported content part {json.dumps(kind)} (expected text or input_audio)", param=where)
+                raise ApiError(400, f"{where}: unsupported content part {_show(kind)} (expected text or input_audio)", param=where)
         out.append({"role": role, "content": parts})
     field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _int_field(body, field, 128)
-    if not 1 <= max_tokens <= 4096:
-        raise ApiError(400, f"{field}: must be between 1 and 4096, got {max_tokens}", param=field)
-    options = DecodingOptions(
-        max_new_tokens=int(max_tokens),
-        temperature=float(_int_field(body, "temperature", 0.0)),
-        top_p=float(_int_field(body, "top_p", 1.0)),
-    )
-    stream = bool(body.get("stream", False))
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage", False)) if isinstance(body.get("stream_options"), dict) else False
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > MAX_STOP_SEQUENCES or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, f"stop: expected a string or a list of at most {MAX_STOP_SEQUENCES} non-empty strings, "
+                            f"got {_show(body.get('stop'))}", param="stop")
+    try:
+        options = DecodingOptions(
+            max_new_tokens=_integer(body, field, 128, 1, 4096),
+            temperature=_number(body, "temperature", 0.0, 0, 2),
+            top_p=_number(body, "top_p", 1.0, 0, 1, low_open=True),
+            stop=tuple(stop),
+            seed=_integer(body, "seed", None),
+        )
+    except RequestError as e:  # what the app's checks leave to the engine's (a stop sequence's length)
+        raise ApiError(400, str(e)) from None
     return out, options, stream, include_usage
 
 
@@ -161,7 +303,7 @@ def _audio_part(audio: object, where: str) -> bytes:
         raise ApiError(400, f"{where}.input_audio: expected {{\"data\": base64 audio, \"format\": \"wav\"|\"mp3\"}}", param=where)
     fmt = audio.get("format", "wav")
     if fmt not in AUDIO_FORMATS:
-        raise ApiError(400, f"{where}.input_audio.format: {json.dumps(fmt)} is not one of {', '.join(AUDIO_FORMATS)}", param=where)
+        raise ApiError(400, f"{where}.input_audio.format: {_show(fmt)} is not one of {', '.join(AUDIO_FORMATS)}", param=where)
     try:
         return base64.b64decode(audio["data"], validate=True)
     except (binascii.Error, ValueError):
@@ -172,10 +314,24 @@ def _check_model(model: object, model_name: str) -> None:
     if not isinstance(model, str) or not model:
         raise ApiError(400, "model: required (GET /v1/models lists what this server runs)", param="model")
     if model != model_name:
-        raise ApiError(404, f"the model {model!r} does not exist here; this server runs {model_name!r}", code="model_not_found", param="model")
+        raise ApiError(404, f"the model {model[:100]!r} does not exist here; this server runs {model_name!r}", code="model_not_found", param="model")
 
 
-def create_app(lm: SpeechLM | SpeakingLM, *, api_key: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, ui: bool = True) -> FastAPI:
+async def _answer_of(request: Request, future):
+    """The engine's answer, or — when the client leaves first — its generation cancelled."""
+    waiter = asyncio.wrap_future(future)
+    while True:
+        done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return waiter.result()
+        if await request.is_disconnected():
+            future.cancel()
+            raise ClientDisconnect()
+
+
+# -- the app ------------------------------------------------------------------------------------
+def create_app(lm: SpeechLM | SpeakingLM, *, api_key: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+               read_timeout_s: float = DEFAULT_READ_TIMEOUT_S, ui: bool = True) -> FastAPI:
     app = FastAPI(title=f"earful · {lm.name}", description="OpenAI-compatible speech LM API", version="1")
     app.state.lm = lm
 
@@ -187,6 +343,19 @@ def create_app(lm: SpeechLM | SpeakingLM, *, api_key: str | None = None, max_upl
     async def _validation_error(_: Request, e: RequestValidationError):
         problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'][1:]) or 'body'}: {err['msg']}" for err in e.errors())
         return ApiError(400, problems or "malformed request").response()
+
+    @app.exception_handler(RequestError)
+    @app.exception_handler(AudioError)
+    async def _request_error(_: Request, e: Exception):
+        return ApiError(400, str(e)).response()
+
+    @app.exception_handler(ServerBusy)
+    async def _busy(_: Request, e: ServerBusy):
+        return ApiError(429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": str(e.retry_after_s)}).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException):
+        return ApiError(e.status_code, str(e.detail), type="invalid_request_error", headers=e.headers).response()
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -219,20 +388,14 @@ def create_app(lm: SpeechLM | SpeakingLM, *, api_key: str | None = None, max_upl
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        body = parse_json_body(await request.body())
         if isinstance(lm, SpeakingLM):
             return await _speak(lm, body)
-        try:
-            messages, options, stream, include_usage = parse_chat_request(body, lm.name)
-            future, pieces = await run_in_threadpool(lm.submit, messages, options, stream)
-        except (RequestError, AudioError) as e:
-            raise ApiError(400, str(e)) from None
+        messages, options, stream, include_usage = parse_chat_request(body, lm.name, max_clips=lm.max_clips)
+        future, pieces = await run_in_threadpool(lm.submit, messages, options, stream)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not stream:
-            g = await asyncio.wrap_future(future)
+            g = await _answer_of(request, future)
             return {
                 "id": cid, "object": "chat.completion", "created": created, "model": lm.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text, "refusal": None}, "finish_reason": g.finish_reason}],
@@ -245,9 +408,11 @@ def create_app(lm: SpeechLM | SpeakingLM, *, api_key: str | None = None, max_upl
     async def transcriptions(request: Request):
         authorize(request)
         try:
-            form = await request.form()
+            form = await request.form(max_files=1, max_fields=16)
+        except (BodyGuard.Abort, ClientDisconnect):
+            raise
         except Exception as e:  # noqa: BLE001 - any multipart parsing failure is the client's
-            raise ApiError(400, f"expected multipart/form-data with a 'file' field: {e}") from None
+            raise ApiError(400, f"expected multipart/form-data with one 'file' field: {e}") from None
         try:
             upload, model = form.get("file"), form.get("model")
             if upload is None or isinstance(upload, str):
@@ -267,7 +432,7 @@ def create_app(lm: SpeechLM | SpeakingLM, *, api_key: str | None = None, max_upl
             future, _ = await run_in_threadpool(lm.submit, [{"role": "user", "content": [wave]}], DecodingOptions(max_new_tokens=128))
         except (RequestError, AudioError) as e:
             raise ApiError(400, str(e), param="file") from None
-        g = await asyncio.wrap_future(future)
+        g = await _answer_of(request, future)
         if fmt == "text":
             return PlainTextResponse(g.text + "\n")
         if fmt == "verbose_json":
@@ -282,7 +447,7 @@ def create_app(lm: SpeechLM | SpeakingLM, *, api_key: str | None = None, max_upl
 
         auth = None if api_key is None else (lambda _user, password: hmac.compare_digest(password.encode(), api_key.encode()))
         app = gr.mount_gradio_app(app, build_ui(lm), path="/ui", auth=auth, auth_message="Log in with any name and the server's API key.")
-    app.add_middleware(BodySizeLimit, limit=max_upload_bytes)
+    app.add_middleware(BodyGuard, limit=max_upload_bytes, read_timeout_s=read_timeout_s)
     return app
 
 
@@ -290,18 +455,17 @@ async def _speak(lm: SpeakingLM, body: object) -> dict:
     """A units LM's answer: the spoken continuation of the last user audio, as OpenAI's audio output."""
     if not lm.can_speak:
         raise ApiError(400, f"{lm.name} has a k-means unit tokenizer, which has no vocoder: it cannot answer in audio", param="model")
-    messages, options, stream, _ = parse_chat_request(body, lm.name, speaks=True)
+    messages, options, stream, _ = parse_chat_request(body, lm.name, speaks=True, max_clips=1)
     if stream:
         raise ApiError(400, "stream: spoken answers come whole from this server; leave stream false", param="stream")
+    if options.stop:
+        raise ApiError(400, "stop: a spoken answer has no text to stop at; leave stop out", param="stop")
     clips = [p for m in messages if m["role"] == "user" for p in m["content"] if isinstance(p, bytes)]
     if not clips:
         raise ApiError(400, f"messages: {lm.name} continues speech; send the prompt as an input_audio part", param="messages")
-    temperature = options.temperature if "temperature" in body else 0.8
-    try:
-        prompt, units, wave = await run_in_threadpool(lambda: lm.continue_speech(clips[-1], max_new_tokens=options.max_new_tokens,
-                                                                          temperature=temperature, seed=body.get("seed")))
-    except (RequestError, AudioError) as e:
-        raise ApiError(400, str(e)) from None
+    temperature = options.temperature if body.get("temperature") is not None else 0.8
+    prompt, units, wave = await run_in_threadpool(lambda: lm.continue_speech(clips[-1], max_new_tokens=options.max_new_tokens,
+                                                                      temperature=temperature, seed=options.seed))
     import io
 
     import soundfile as sf
@@ -320,25 +484,34 @@ def _usage(g) -> dict:
     return {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens, "total_tokens": g.prompt_tokens + g.completion_tokens}
 
 
-def _sse(cid: str, created: int, model: str, pieces, future, include_usage: bool):
-    """Chat-completion chunks as server-sent events, ending with `data: [DONE]`."""
+async def _sse(cid: str, created: int, model: str, pieces, future, include_usage: bool):
+    """Chat-completion chunks as server-sent events, ending with `data: [DONE]`.
+
+    A client that leaves mid-answer ends this generator (Starlette cancels it), and with it the generation.
+    """
 
     def event(delta: dict, finish_reason: str | None = None, **extra) -> str:
         chunk = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
         return f"data: {json.dumps(chunk)}\n\n"
 
-    yield event({"role": "assistant", "content": ""})
-    for piece in pieces:
-        if piece:
-            yield event({"content": piece})
+    ended = False
     try:
-        g = future.result()
-    except Exception as e:  # noqa: BLE001 - the status line has gone out; report it in the stream
-        logger.exception("streamed generation failed")
-        yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
-        return
-    yield event({}, g.finish_reason)
-    if include_usage:
-        yield f"data: {json.dumps({'id': cid, 'object': 'chat.completion.chunk', 'created': created, 'model': model, 'choices': [], 'usage': _usage(g)})}\n\n"
-    yield "data: [DONE]\n\n"
+        yield event({"role": "assistant", "content": ""})
+        async for piece in pieces:
+            yield event({"content": piece})
+        ended = True
+        try:
+            g = future.result(timeout=0)  # resolved before its stream ended
+        except Exception as e:  # noqa: BLE001 - the status line has gone out; report it in the stream
+            logger.error("%s: streamed generation failed: %s: %s", cid, type(e).__name__, e)
+            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+            return
+        yield event({}, g.finish_reason)
+        if include_usage:
+            yield f"data: {json.dumps({'id': cid, 'object': 'chat.completion.chunk', 'created': created, 'model': model, 'choices': [], 'usage': _usage(g)})}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        if not ended:
+            future.cancel()
+            logger.info("%s: the client left mid-stream; its generation is cancelled", cid)

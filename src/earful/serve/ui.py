@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..audio import AudioError
-from .engine import RequestError
+from .engine import RequestError, ServerBusy
 
 
 def build_ui(lm) -> gr.Blocks:
@@ -49,7 +49,7 @@ def build_ui(lm) -> gr.Blocks:
                     answer += piece
                     history[-1] = {"role": "assistant", "content": answer}
                     yield history, convo, None, ""
-            except (AudioError, RequestError) as e:
+            except (AudioError, RequestError, ServerBusy) as e:
                 raise gr.Error(str(e)) from None
             yield history, [*convo, {"role": "assistant", "content": answer}], None, ""
 
@@ -75,7 +75,7 @@ def build_speaking_ui(lm) -> gr.Blocks:
                 raise gr.Error("Record or upload audio first.")
             try:
                 prompt_units, units, wave = lm.continue_speech(path)
-            except (AudioError, RequestError, ValueError) as e:
+            except (AudioError, RequestError, ServerBusy, ValueError) as e:
                 raise gr.Error(str(e)) from None
             if wave is None:
                 raise gr.Error("This model's tokenizer cannot turn tokens back into audio.")
