@@ -406,4 +406,5 @@ class SpeechLMProcessor(ProcessorMixin):
         one row (L,) -> its text, as transformers' `decode` gives it."""
         if isinstance(ids, torch.Tensor) and ids.ndim == 1 or (isinstance(ids, list) and ids and isinstance(ids[0], int)):
             return self.tokenizer.decode(ids, **kwargs)
-        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True, **kwargs)]
+        kwargs.setdefault("skip_special_tokens", True)
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, **kwargs)]
