@@ -498,6 +498,7 @@ def test_a_client_that_leaves_cancels_its_generation(tiny_server, caplog):
             stopped_at = steps.n
             time.sleep(0.3)
             assert steps.n == stopped_at and stopped_at - before < 3000  # nothing runs on for nobody
+            assert http.get("/health").json()["cancelled"] == cancelled + 2
     finally:
         steps.handle.remove()
     left = [r for r in caplog.records if r.name.startswith("earful.serve")]

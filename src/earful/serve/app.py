@@ -372,7 +372,8 @@ def create_app(lm: SpeechLM | SpeakingLM, *, api_key: str | None = None, max_upl
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": lm.name}
+        """Liveness, and what the queue is doing: requests waiting, and counts of those cancelled / refused busy."""
+        return {"status": "ok", "model": lm.name, "queued": lm.queued, "cancelled": lm.counts["cancelled"], "busy": lm.counts["busy"]}
 
     @app.get("/v1/models")
     async def list_models(request: Request):

@@ -639,6 +639,12 @@ class SpeakingLM:
         self._count_lock = threading.Lock()
 
     @property
+    def queued(self) -> int:
+        """Requests waiting for the model or running on it."""
+        with self._count_lock:
+            return self._waiting
+
+    @property
     def sampling_rate(self) -> int:
         return self.lm.audio_tokenizer.sampling_rate
 
