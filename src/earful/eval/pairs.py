@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.manifest import ManifestError, absolute_audio, json_lines
+from ..models.processing import pad_ids
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +61,7 @@ def sound_loglik(lm, units: list[list[int]], batch_size: int = 16) -> list[tuple
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
         rows = [[v.sound_start_id, *v.token_ids(units[i])] for i in idx]
-        L = max(len(r) for r in rows)
-        ids = torch.full((len(rows), L), v.sound_end_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), L), dtype=torch.long)
-        for j, r in enumerate(rows):
-            ids[j, : len(r)] = torch.tensor(r)
-            mask[j, : len(r)] = 1
+        ids, mask = pad_ids(rows, v.sound_end_id)
         ids, mask = ids.to(device), mask.to(device)
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)  # (B, L-1, V)
         tok = logp.gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]  # (B, L-1): log p of each next token

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ..models.processing import pad_ids
+
 
 def _data(name: str) -> str:
     return (Path(__file__).parent / "data" / name).read_text(encoding="utf-8")
@@ -61,11 +63,7 @@ def multiple_choice(model, tokenizer) -> dict:
         context = f"Question: {item['question']}\nAnswer:"
         n_ctx = len(tokenizer(context, add_special_tokens=True)["input_ids"])
         rows = [tokenizer(f"{context} {c}", add_special_tokens=True)["input_ids"] for c in item["choices"]]
-        L = max(len(r) for r in rows)
-        ids = torch.full((len(rows), L), pad, dtype=torch.long)  # (choices, L), right-padded
-        mask = torch.zeros((len(rows), L), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+        ids, mask = pad_ids(rows, pad)  # (choices, L), right-padded
         logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits[:, :-1].float().cpu()
         lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]  # (choices, L-1)
         keep = mask[:, 1:].clone()

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..data.manifest import Utterance
 from ..data.sequences import asr_prompt
+from ..models.processing import pad_ids
 from .asr import normalize
 
 
@@ -29,12 +30,8 @@ def transcribe_units(lm, units: list[list[int]], max_new_tokens: int = 16, batch
     for s in tqdm(range(0, len(order), batch_size), desc="transcribing units", unit="batch", leave=False):
         idx = order[s : s + batch_size]
         rows = [asr_prompt(v, units[i]) for i in idx]
-        L = max(len(r) for r in rows)
-        ids = torch.full((len(rows), L), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), L), dtype=torch.long)
-        for j, r in enumerate(rows):  # left padding: every prompt ends where generation starts
-            ids[j, L - len(r):] = torch.tensor(r)
-            mask[j, L - len(r):] = 1
+        ids, mask = pad_ids(rows, pad, side="left")  # every prompt ends where generation starts
+        L = ids.shape[1]
         out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=v.text_end_id, pad_token_id=v.text_end_id,
                              suppress_tokens=list(v.unit_range) + [v.sound_start_id, v.sound_end_id, v.text_start_id])

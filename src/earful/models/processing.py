@@ -90,6 +90,24 @@ def clip_features(feature_extractor, encoder_config, wave: np.ndarray, name: str
     return out["input_features" if "input_features" in out else "input_values"][0]
 
 
+def pad_ids(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists of different lengths -> ids (B, L) padded with `pad_id` and mask (B, L).
+
+    earful's one padding helper: right padding for training and scoring (each row starts at 0),
+    left padding for generation (every row ends where the new tokens start).
+    """
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', not {side!r}")
+    B, L = len(rows), max(len(r) for r in rows)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(0, len(row)) if side == "right" else slice(L - len(row), L)
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
 def pad_features(feats: list[np.ndarray]) -> dict[str, torch.Tensor]:
     """Clips' features padded to the longest: `input_features` (B, F, T) or (B, T), `input_features_mask` (B, T)."""
     lengths = [f.shape[-1] for f in feats]
@@ -392,13 +410,7 @@ class SpeechLMProcessor(ProcessorMixin):
         """Id lists of different lengths -> `input_ids` (B, L) and `attention_mask` (B, L)."""
         if pad_id is None:
             pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        B, L = len(rows), max(len(r) for r in rows)
-        input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((B, L), dtype=torch.long)
-        for i, ids in enumerate(rows):
-            span = slice(0, len(ids)) if padding_side == "right" else slice(L - len(ids), L)
-            input_ids[i, span] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[i, span] = 1
+        input_ids, attention_mask = pad_ids(rows, pad_id, padding_side)
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def decode(self, ids, **kwargs) -> list[str] | str:
