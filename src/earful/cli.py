@@ -24,8 +24,10 @@ class UsageError(EarfulError):
 
 
 def _check_prompt(prompt: str | None) -> None:
-    if prompt is not None and prompt.count("<|audio|>") != 1:
-        raise UsageError(f"--prompt: must hold exactly one <|audio|> (where the clip goes), found {prompt.count('<|audio|>')} in {prompt!r}")
+    from .models.configuration import AUDIO_TOKEN
+
+    if prompt is not None and prompt.count(AUDIO_TOKEN) != 1:
+        raise UsageError(f"--prompt: must hold exactly one {AUDIO_TOKEN} (where the clip goes), found {prompt.count(AUDIO_TOKEN)} in {prompt!r}")
 
 
 # -- verbs --------------------------------------------------------------------------------------
@@ -241,9 +243,9 @@ def transcribe(model: str, files: list[str], prompt: str | None = None, batch_si
 def chat(model: str, audio: str, prompt: str | None = None, max_new_tokens: int = 128, sample: bool = False,
          temperature: float = 0.7, num_beams: int = 1) -> int:
     """Answer a prompt about one audio clip. The prompt may place <|audio|>; otherwise audio comes first."""
-    from .data.dataset import AUDIO_TOKEN
     from .eval.asr import generate_text
     from .models.build import load_speech_lm
+    from .models.configuration import AUDIO_TOKEN, place_audio
 
     if prompt is not None and prompt.count(AUDIO_TOKEN) > 1:
         raise UsageError(f"--prompt: one clip, so at most one {AUDIO_TOKEN}; found {prompt.count(AUDIO_TOKEN)} in {prompt!r}")
@@ -251,9 +253,7 @@ def chat(model: str, audio: str, prompt: str | None = None, max_new_tokens: int 
     if failures:
         return 1
     lm, processor = load_speech_lm(model)
-    text = prompt or processor.prompt_format.default_prompt
-    if AUDIO_TOKEN not in text:
-        text = f"{AUDIO_TOKEN}\n{text}"
+    text = place_audio(prompt or processor.prompt_format.default_prompt)
     kwargs = {"do_sample": True, "temperature": temperature} if sample else {"num_beams": num_beams}
     print(generate_text(lm, processor, waves, text, max_new_tokens=max_new_tokens, **kwargs)[0])
     return 0

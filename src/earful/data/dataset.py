@@ -10,18 +10,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ..audio import AudioError, load_audio, resample
+from ..models.configuration import place_audio
 from .manifest import ManifestError, Utterance
 
 logger = logging.getLogger(__name__)
-
-AUDIO_TOKEN = "<|audio|>"
-
 
 def prompt_of(u: Utterance, default_prompt: str) -> str:
     """The user turn for an utterance: its own `prompt` (audio first unless it places `<|audio|>`)."""
     if not u.prompt:
         return default_prompt
-    return u.prompt if AUDIO_TOKEN in u.prompt else f"{AUDIO_TOKEN}\n{u.prompt}"
+    return place_audio(u.prompt)
 
 
 def response_of(u: Utterance) -> str:

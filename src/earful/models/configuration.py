@@ -14,8 +14,14 @@ from transformers.configuration_utils import SubConfigSpec
 
 from ..errors import EarfulError
 
-AUDIO_TOKEN = "<|audio|>"
+AUDIO_TOKEN = "<|audio|>"  # the one placeholder string: where a clip goes in a prompt
 AUDIO_NORMS = (None, "utterance")
+
+
+def place_audio(prompt: str, token: str = AUDIO_TOKEN) -> str:
+    """A user turn about one clip: as written when it places the clip with `token`, else the clip
+    first and the text after it on its own line (how earful lays out a prompt that names no place)."""
+    return prompt if token in prompt else f"{token}\n{prompt}"
 
 
 class ModelInputError(EarfulError, ValueError):

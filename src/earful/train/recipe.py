@@ -14,6 +14,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from ..models.configuration import AUDIO_TOKEN
 from ..models.processing import DEFAULT_PROMPT
 from ..errors import EarfulError
 
@@ -171,8 +172,8 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
         problems.append(f"train.precision: expected auto, bf16 or fp32, found {t.precision!r}")
     if recipe.data.train is None:
         problems.append("data.train: no training manifest (set it in the recipe or with --set data.train=M.jsonl)")
-    if recipe.data.prompt.count("<|audio|>") != 1:
-        problems.append(f"data.prompt: must hold exactly one <|audio|>, found {recipe.data.prompt!r}")
+    if recipe.data.prompt.count(AUDIO_TOKEN) != 1:
+        problems.append(f"data.prompt: must hold exactly one {AUDIO_TOKEN}, found {recipe.data.prompt!r}")
     m = recipe.model
     if m.audio_norm not in (None, "utterance"):
         problems.append(f"model.audio_norm: expected utterance (or null), found {m.audio_norm!r}")
