@@ -80,7 +80,7 @@ def run_hf_trainer(train_manifest: Path, work: Path, steps: int, batch_size: int
     from earful.data.dataset import prompt_of, response_of
     from earful.data.manifest import read_manifest
     from earful.train.recipe import load_recipe
-    from earful.train.trainer import build_model
+    from earful.train.listening import build_model
 
     # The very model earful trains: the same freezing, adapters and normalisation.
     model, processor = build_model(load_recipe(ROOT / "recipes" / "digits.yaml", [f"data.train={train_manifest}", *CONFIGS[config]]))

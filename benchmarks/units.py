@@ -46,12 +46,13 @@ from earful.data.fsdd import default_fsdd_dir, fsdd_utterances  # noqa: E402
 from earful.data.manifest import write_manifest  # noqa: E402
 from earful.eval.asr import write_report  # noqa: E402
 from earful.eval.pairs import score_pairs  # noqa: E402
+from earful.eval.text_ability import regression, text_ability  # noqa: E402
 from earful.eval.units_asr import evaluate_units_asr  # noqa: E402
 from earful.models.vocab import UnitLM, build_unit_lm  # noqa: E402
 from earful.tokenizers.unit_lm import load_unit_lm  # noqa: E402
 from earful.tokenizers.units import fit_unit_tokenizers  # noqa: E402
 from earful.train.recipe import load_recipe  # noqa: E402
-from earful.train.trainer import train  # noqa: E402
+from earful.train.trainer import Hooks, train  # noqa: E402
 from earful.train.units import tokenize_audio  # noqa: E402
 
 logger = logging.getLogger("units_benchmark")
@@ -132,7 +133,8 @@ def main() -> None:
     del model
     recipe = load_recipe(ROOT / "recipes" / "units_continuation.yaml", common)
     start = time.perf_counter()
-    cont_summary = train(recipe, work / "continuation")
+    hooks = Hooks(text_ability=text_ability, text_regression=regression)  # the text gate, as `earful train` runs it
+    cont_summary = train(recipe, work / "continuation", hooks=hooks)
     cont_total = time.perf_counter() - start
     after = score_pairs(load_unit_lm(work / "continuation"), pairs, groups)
     logger.info("pairs accuracy before %.3f after %.3f", before["accuracy"], after["accuracy"])
@@ -140,7 +142,7 @@ def main() -> None:
     # 3. ASR by a units LM --------------------------------------------------------------------------
     recipe = load_recipe(ROOT / "recipes" / "units_asr.yaml", common)
     start = time.perf_counter()
-    asr_summary = train(recipe, work / "asr")
+    asr_summary = train(recipe, work / "asr", hooks=hooks)
     asr_total = time.perf_counter() - start
     asr_lm = load_unit_lm(work / "asr")
     asr = evaluate_units_asr(asr_lm, held, held_units)

@@ -75,7 +75,8 @@ def test_sequence_logprobs_equal_the_full_softmax_sum():
     log-softmax over the whole vocabulary at every position (padding and prompt excluded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from earful.train.trainer import sequence_logprobs
+    from earful.train.preference import sequence_logprobs
+    from earful.train.units import units_family
 
     torch.manual_seed(0)
     m = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -87,7 +88,7 @@ def test_sequence_logprobs_equal_the_full_softmax_sum():
     labels[:, :6] = -100
     labels[2, 9:] = -100
     with torch.no_grad():
-        got = sequence_logprobs(m, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+        got = sequence_logprobs(units_family(m), m, {"input_ids": ids, "attention_mask": mask, "labels": labels})
         logits = m(input_ids=ids, attention_mask=mask).logits[:, :-1]
     t = labels[:, 1:]
     want = (torch.log_softmax(logits, -1).gather(-1, t.clamp(min=0)[..., None])[..., 0] * (t != -100)).sum(-1)

@@ -153,9 +153,12 @@ def train_cmd(recipe: str, out: str, set: list[str] | None = None, resume: bool 
     from .train.recipe import load_recipe
 
     loaded = load_recipe(recipe, set or [])  # every problem in the recipe is reported before anything loads
-    from .train.trainer import train
+    from .eval.asr import generate_text
+    from .eval.text_ability import regression, text_ability
+    from .train.trainer import Hooks, train
 
-    summary = train(loaded, out, resume=resume)
+    # The trainer defines no evaluation of its own: the text-ability gate and the logged eval answers are eval's.
+    summary = train(loaded, out, resume=resume, hooks=Hooks(text_ability=text_ability, text_regression=regression, generate_text=generate_text))
     if summary.get("rank", 0) != 0:
         return
     print(f"trained {summary['steps']} steps in {summary['train_seconds']:.0f} s "

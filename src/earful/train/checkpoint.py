@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import atomic
@@ -142,3 +145,48 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 def remove_checkpoints(out_dir: Path) -> None:
     shutil.rmtree(Path(out_dir) / DIR, ignore_errors=True)
+
+
+@dataclass
+class Position:
+    """Where a run stands besides its weights, optimizer and schedule: what a checkpoint's extra holds."""
+
+    step: int = 0
+    epoch: int = 0
+    next_batch: int = 0  # the next batch's index in `epoch`
+    elapsed_s: float = 0.0  # training seconds so far, over every resume
+    audio_seconds: float = 0.0  # audio trained on so far
+
+
+def run_state(at: Position, scheduler, recipe: dict, world: int) -> dict:
+    """A checkpoint's extra: the position, the schedule, every RNG and the recipe (`check_same_run`)."""
+    return {"scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": at.step, "epoch": at.epoch,
+            "next_batch": at.next_batch, "world_size": world, "recipe": recipe, "elapsed_s": at.elapsed_s,
+            "audio_seconds": at.audio_seconds}
+
+
+def resume(ckpt: Path | None, out_dir: Path, model, optimizer, scheduler, world: int) -> Position:
+    """Load checkpoint `ckpt` into model, optimizer, scheduler and RNGs; where it stood."""
+    if ckpt is None:
+        logger.warning("--resume: no checkpoint in %s, starting from step 0", Path(out_dir) / DIR)
+        return Position()
+    extra = load_checkpoint(ckpt, model, optimizer)
+    scheduler.load_state_dict(extra["scheduler"])
+    _set_rng_state(extra["rng"])
+    logger.info("resumed from %s at step %d (saved by %d process(es), now %d)", ckpt, extra["step"], extra.get("world_size", 1), world)
+    return Position(extra["step"], extra["epoch"], extra["next_batch"], extra.get("elapsed_s", 0.0), extra.get("audio_seconds", 0.0))
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,7 +1,7 @@
-"""The trainer's parts for a discrete speech LM: sound tokens in a causal LM, sequences of a manifest.
+"""The trainer's parts for the units family (`model.kind: units`): sound tokens in a causal LM.
 
 `train()` (trainer.py) runs the same loop for both model families; for `model.kind: units` it
-takes its model, batches, loss and saving from here. Audio is tokenised once, before the first
+takes its model, batches, loss and saving from `units_parts` here. Audio is tokenised once, before the first
 step (the audio tokenizer is frozen: never pay twice for it), and each utterance becomes one
 token sequence in the recipe's `data.format` (earful.data.sequences).
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,6 +25,8 @@ from ..data.sequences import IGNORE, TokenSequence, aligned, asr, interleaved, s
 from ..models.vocab import UnitLM, build_unit_lm, save_unit_lm
 from ..tokenizers import load_audio_tokenizer
 from ..tokenizers.unit_lm import load_unit_lm
+from .family import Family, Parts, check_trainable, token_weights, warn_upcast
+from .preference import check_pairs, preference_batch, reference_logprobs
 from .recipe import Recipe
 
 logger = logging.getLogger(__name__)
@@ -96,15 +100,16 @@ def labelled_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return logits, targets[keep], keep.nonzero()[:, 0]
 
 
+def units_family(model, weights=None) -> Family:
+    """A causal LM's losses: logits at labelled positions only, weighted per token type by `weights`."""
+    return Family(logits_at_labels=lambda m, batch, _: labelled_logits(m, **batch),
+                  softcapped=bool(getattr(model.config, "final_logit_softcapping", None)), token_weights=weights)
+
+
 def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, token_weights=None) -> torch.Tensor:
     """Mean next-token loss over the labelled positions (`labelled_logits`): the value of
     `model(..., labels=labels).loss`, cheaper. Soft-capping LLMs take that `.loss` itself."""
-    if getattr(model.config, "final_logit_softcapping", None):
-        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-    from .losses import weighted_cross_entropy
-
-    logits, targets, _ = labelled_logits(model, input_ids, attention_mask, labels)
-    return weighted_cross_entropy(logits, targets, token_weights)
+    return units_family(model, token_weights).loss(model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
 
 
 class UnitsBatcher:
@@ -142,10 +147,9 @@ class UnitsPreferenceBatcher:
     is the model as it starts; its log-probabilities of every pair are computed once.
     """
 
-    def __init__(self, lm: UnitLM, recipe: Recipe, manifest: str, device: torch.device, desc: str):
+    def __init__(self, lm: UnitLM, recipe: Recipe, manifest: str, device: torch.device, desc: str, family: Family):
         from ..data.manifest import absolute_audio
         from ..data.sequences import preference, preference_prompt
-        from .trainer import check_pairs, reference_logprobs
 
         d, at = recipe.data, lm.audio_tokenizer
         self.utterances, self.rejects = usable_utterances(read_manifest(manifest), at.sampling_rate, d.max_seconds, manifest)
@@ -174,7 +178,7 @@ class UnitsPreferenceBatcher:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.device = device
         self.cache = None
-        self.reference = reference_logprobs(lm.model, self._pair, self.lengths(), recipe.train.batch_size, desc + ": reference log-probs (once)")
+        self.reference = reference_logprobs(family, lm.model, self._pair, self.lengths(), recipe.train.batch_size, desc + ": reference log-probs (once)")
         logger.info("%s: %d preference pairs (%d spoken answers)", desc, len(self.pairs), len(files))
 
     def lengths(self) -> list[float]:
@@ -190,8 +194,6 @@ class UnitsPreferenceBatcher:
         return self._batch(idx, 0), self._batch(idx, 1)
 
     def __call__(self, idx: list[int]) -> dict:
-        from .trainer import preference_batch
-
         return preference_batch(self._pair(idx), self.reference, idx)
 
 
@@ -205,8 +207,6 @@ def build_units_lm(recipe: Recipe) -> UnitLM:
         if lm.audio_tokenizer is None:
             raise ValueError(f"{m.init_from}: a units LM without an audio tokenizer (audio_tokenizer/) cannot be trained on audio")
         return lm
-    from .trainer import warn_upcast
-
     warn_upcast("llm", m.llm)
     audio_tokenizer = load_audio_tokenizer(m.audio_tokenizer)
     model, tokenizer, vocab = build_unit_lm(m.llm, audio_tokenizer.vocab_size)
@@ -215,3 +215,22 @@ def build_units_lm(recipe: Recipe) -> UnitLM:
 
 def save_units(lm: UnitLM, out_dir: Path) -> None:
     save_unit_lm(lm, out_dir)
+
+
+def units_parts(recipe: Recipe, device: torch.device) -> Parts:
+    """Sound tokens in a causal LM; the audio is tokenised once, before the first step."""
+    lm = build_units_lm(recipe)
+    lm.model.to(device).train()
+    check_trainable(lm.model)
+    v = lm.vocab
+    specials = {v.sound_start_id, v.sound_end_id, v.text_start_id, v.text_end_id, lm.tokenizer.eos_token_id}
+    per_frame = lm.audio_tokenizer.tokens_per_frame if lm.audio_tokenizer is not None else 1
+    family = units_family(lm.model, token_weights(recipe.train.loss_weights, specials, first_unit_id=v.first_unit_id,
+                                                  n_units=v.n_units, tokens_per_frame=per_frame))
+    batcher = partial(UnitsPreferenceBatcher, family=family) if recipe.train.objective == "dpo" else UnitsBatcher
+    train_batches = batcher(lm, recipe, recipe.data.train, device, "tokenising train audio (once)")
+    eval_batches = batcher(lm, recipe, recipe.data.eval, device, "tokenising eval audio (once)") if recipe.data.eval else None
+    return Parts(lm.model, family, train_batches, eval_batches, train_batches.durations(), len(train_batches.utterances),
+                 save=lambda m, out: save_units(replace(lm, model=m), out), rebuild=lambda: build_units_lm(recipe).model,
+                 text_model=lambda m: (m, lm.tokenizer),  # text-only scores of the LLM whose vocabulary grew
+                 rejects=train_batches.rejects + (eval_batches.rejects if eval_batches else []))

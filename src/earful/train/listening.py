@@ -1,0 +1,287 @@
+"""The trainer's parts for the listening family (`model.kind: listening`): encoder -> projector -> LLM.
+
+`listening_parts` builds what the loop in trainer.py needs: the model as the recipe sets it up
+(freezing, LoRA, layer dropping), its `Family` (loss, token weights, prefix cache), and batchers
+over the manifests. A frozen encoder's outputs are computed once, before the first step, and
+reused every epoch (SlamKit's lesson: never pay twice for a frozen stage); with a frozen LLM, the
+prompt prefix every row shares is run once (`PrefixCache`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data.dataset import SpeechDataset, length_grouped_batches, prompt_of, response_of, usable_utterances
+from ..data.manifest import read_manifest
+from ..models.build import build_speech_lm, load_speech_lm, save_speech_lm
+from ..models.encoders import stacked_lengths
+from ..models.listening import PrefixCache, SpeechLMForConditionalGeneration
+from ..models.processing import PromptFormat, SpeechLMProcessor, check_audio_length
+from .family import Family, Parts, check_trainable, token_weights, warn_upcast
+from .preference import PreferenceBatcher
+from .recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+
+def build_model(recipe: Recipe) -> tuple[SpeechLMForConditionalGeneration, SpeechLMProcessor]:
+    """The listening LM as `recipe.model` sets it up for training: parts frozen, LoRA, layers dropped."""
+    m = recipe.model
+    if m.init_from:
+        model, processor = load_speech_lm(m.init_from)
+    else:
+        warn_upcast("encoder", m.encoder)
+        warn_upcast("llm", m.llm)
+        model, processor = build_speech_lm(
+            m.encoder,
+            m.llm,
+            stack_factor=m.stack_factor,
+            projector_hidden_size=m.projector_hidden_size,
+            projector_dropout=m.projector_dropout,
+            audio_norm=m.audio_norm,
+            prompt_format=PromptFormat(system_prompt=m.system_prompt, use_chat_template=m.chat_template),
+        )
+    processor.prompt_format.default_prompt = recipe.data.prompt  # saved with the model, reused by transcribe/eval
+    if m.keep_every_nth_layer > 1:
+        from .adapt import drop_layers
+
+        drop_layers(model.language_model, m.keep_every_nth_layer)
+        model.config.text_config = model.language_model.config
+    model.freeze(encoder=m.freeze_encoder, projector=m.freeze_projector, decoder=m.freeze_decoder)
+    if m.lora:
+        from .adapt import add_lora
+
+        # LoRA trains adapters instead of the part itself: its base weights freeze, whatever freeze_* says.
+        for part in (("llm", "encoder") if m.lora == "both" else (m.lora,)):
+            key = {"llm": "freeze_decoder", "encoder": "freeze_encoder"}[part]
+            if not getattr(m, key):
+                logger.warning("model.lora=%s: model.%s false -> true for the %s's base weights (only its LoRA adapters train)",
+                               m.lora, key, part)
+            getattr(model, {"llm": "language_model", "encoder": "audio_tower"}[part]).requires_grad_(False)
+            add_lora(model, part, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout)
+    if m.gradient_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    return model, processor
+
+
+def listening_family(recipe: Recipe, model: SpeechLMForConditionalGeneration, processor: SpeechLMProcessor) -> Family:
+    """The listening LM's losses: logits at labelled positions only, the recipe's token weights,
+    a prefix cache when the LLM is frozen, and a frozen (cached) encoder kept in eval mode."""
+    return Family(
+        logits_at_labels=lambda m, batch, prefix_cache: m.labelled_logits(**batch, prefix_cache=prefix_cache),
+        softcapped=bool(getattr(model.config.text_config, "final_logit_softcapping", None)),
+        token_weights=token_weights(recipe.train.loss_weights, {processor.tokenizer.eos_token_id}),
+        # A frozen LLM: the shared prompt prefix is run once, not every step.
+        prefix_cache=PrefixCache(model) if _prefix_cache_on(recipe, model) else None,
+        kept_in_eval=[model.audio_tower] if _encoder_fixed(recipe) else [],  # without dropout, so its outputs can be cached
+    )
+
+
+def _encoder_fixed(recipe: Recipe) -> bool:
+    """The encoder does not train (frozen, no LoRA on it): its outputs are computed once."""
+    return recipe.model.freeze_encoder and recipe.model.lora not in ("encoder", "both")
+
+
+def _prefix_cache_on(recipe: Recipe, model) -> bool:
+    """train.prefix_cache holds when the LLM is frozen and runs without activation checkpointing;
+    otherwise the cache is off, and a recipe that asked for it is told why."""
+    if not recipe.train.prefix_cache:
+        return False
+    why = []
+    if any(p.requires_grad for p in model.language_model.parameters()):
+        why.append("the LLM trains (model.freeze_decoder=false or model.lora on the llm)")
+    if recipe.model.gradient_checkpointing:
+        why.append("model.gradient_checkpointing=true")
+    if why:
+        logger.warning("train.prefix_cache: true -> off, because %s", " and ".join(why))
+    return not why
+
+
+class Batcher:
+    """Turns utterance indices into model inputs, through the encoder cache when there is one.
+
+    With `teacher` (train.distill_weight), each batch also holds under "teacher" the same turns as
+    text for the text-only LLM (`teacher_batch`).
+    """
+
+    def __init__(self, dataset: SpeechDataset, processor: SpeechLMProcessor, model: SpeechLMForConditionalGeneration,
+                 device: torch.device, cache: bool, teacher: bool = False):
+        self.dataset, self.processor, self.model, self.device = dataset, processor, model, device
+        self.cache: dict[int, torch.Tensor] | None = {} if cache else None
+        self.teacher = teacher
+
+    @torch.no_grad()
+    def fill_cache(self, batch_size: int, desc: str, store: str | None = None) -> None:
+        """Run the frozen encoder once over every clip, longest first (little padding).
+
+        With `store` (a folder `earful data encode` filled), clips this encoder already encoded
+        there are read instead; the rest (other clips, speed-perturbed copies) are encoded here.
+        """
+        todo = list(range(len(self.dataset)))
+        if store:
+            from ..data.shards import encoder_identity, find_objects
+
+            n = len(self.dataset.utterances)
+            found = find_objects(store, encoder_identity(self.model.audio_tower, self.model.config.encoder_config),
+                                 [self.dataset.utterance(i).audio for i in range(n)] if self.dataset.speeds[0] == 1.0 else [])
+            for i, tensor in found.items():
+                self.cache[i] = tensor
+            todo = [i for i in todo if i not in found]
+            logger.info("%s: %d of %d clips read from %s, %d to encode", desc, len(found), len(self.dataset), store, len(todo))
+        lengths = self.dataset.lengths()
+        order = length_grouped_batches([lengths[i] for i in todo], batch_size, seed=0, shuffle=False)
+        order = [[todo[j] for j in b] for b in order]
+        self.model.audio_tower.eval()
+        for idx in tqdm(order, desc=desc, unit="batch", leave=False):
+            items = [self.dataset[i] for i in idx]
+            feats = self.processor.featurize([it["audio"] for it in items])
+            hidden, mask = self.model.encode_audio(feats["input_features"].to(self.device), feats["input_features_mask"].to(self.device))
+            for j, i in enumerate(idx):
+                self.cache[i] = hidden[j, : int(mask[j].sum())].to("cpu", torch.float32).clone()
+
+    def lengths(self) -> list[float]:
+        return self.dataset.lengths()
+
+    def teacher_batch(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        """The same turns as text for the text-only LLM: each `<|audio|>` replaced by its transcript."""
+        from ..models.configuration import AUDIO_TOKEN
+
+        rows, labels = [], []
+        for i in idx:
+            u = self.dataset.utterance(i)
+            if not u.text:
+                raise ValueError(f"{u.audio}: distillation needs each clip's transcript (the manifest's text)")
+            prompt = prompt_of(u, self.dataset.default_prompt).replace(AUDIO_TOKEN, u.text)
+            ids = self.processor.conversation_ids([{"role": "user", "content": prompt}], [])
+            answer = self.processor.response_ids(response_of(u))
+            rows.append(ids + answer)
+            labels.append([-100] * len(ids) + answer)
+        batch = self.processor.pad(rows, "right")
+        batch["labels"] = self.processor.pad(labels, "right", pad_id=-100)["input_ids"]
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def __call__(self, idx: list[int], responses: list[str] | None = None) -> dict[str, torch.Tensor]:
+        utts = [self.dataset.utterance(i) for i in idx]
+        prompts = [prompt_of(u, self.dataset.default_prompt) for u in utts]
+        responses = responses if responses is not None else [response_of(u) for u in utts]
+        if self.cache is None:
+            batch = self.processor([self.dataset[i]["audio"] for i in idx], prompts, responses)
+        else:
+            hs = [self.cache[i] for i in idx]
+            T = max(h.shape[0] for h in hs)
+            hidden = torch.zeros(len(hs), T, hs[0].shape[1])  # (B, T', C)
+            mask = torch.zeros(len(hs), T, dtype=torch.bool)  # (B, T')
+            for j, h in enumerate(hs):
+                hidden[j, : h.shape[0]] = h
+                mask[j, : h.shape[0]] = True
+            n_audio = stacked_lengths(mask.sum(-1), self.model.config.stack_factor).tolist()
+            batch = self.processor.text_batch(prompts, n_audio, responses)
+            batch.update(audio_hidden_states=hidden, audio_hidden_mask=mask)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        if self.teacher:
+            batch["teacher"] = self.teacher_batch(idx)
+        return batch
+
+
+def distill_loss(model, batch: dict, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 - w) * next-token loss + w * KL(teacher || student) on the answer's tokens (Ultravox).
+
+    The teacher is the LLM reading the transcript as text (`batch["teacher"]`), the student the
+    same LLM hearing the audio; both predict the same answer tokens, position for position.
+    """
+    from peft import PeftModel
+
+    labels, teacher = batch["labels"], batch["teacher"]
+    out = model(**{k: v for k, v in batch.items() if k not in ("labels", "teacher")})
+    keep = labels[:, 1:] != -100
+    student = out.logits[:, :-1][keep].float()  # (N, V)
+    llm = model.language_model
+    with torch.no_grad(), (llm.disable_adapter() if isinstance(llm, PeftModel) else nullcontext()):
+        t_logits = llm(input_ids=teacher["input_ids"], attention_mask=teacher["attention_mask"]).logits
+    t_keep = teacher["labels"][:, 1:] != -100
+    target = t_logits[:, :-1][t_keep].float()  # (N, V), the same answer tokens in the same order
+    if target.shape != student.shape:
+        raise RuntimeError(f"teacher and student answers differ in length ({target.shape[0]} vs {student.shape[0]} tokens)")
+    kl = torch.nn.functional.kl_div(torch.log_softmax(student, -1), torch.log_softmax(target, -1), log_target=True, reduction="batchmean")
+    ce = torch.nn.functional.cross_entropy(student, labels[:, 1:][keep])
+    return (1 - weight) * ce + weight * kl, kl.detach()
+
+
+def listening_parts(recipe: Recipe, device: torch.device) -> Parts:
+    """Encoder -> projector -> LLM; a frozen encoder's outputs are computed once and cached."""
+    t, d = recipe.train, recipe.data
+    model, processor = build_model(recipe)
+    model.to(device).train()
+    family = listening_family(recipe, model, processor)
+    family.train_mode(model)
+    check_trainable(model)
+
+    fits = partial(check_audio_length, processor.feature_extractor, model.config.encoder_config)  # what the encoder can take
+    sr = processor.sampling_rate
+    train_utts, rejects = usable_utterances(read_manifest(d.train), sr, d.max_seconds, d.train, fits)
+    train_set = SpeechDataset(train_utts, sr, d.prompt, d.max_seconds, d.speed_perturb)
+    eval_set = None
+    if d.eval:
+        eval_utts, eval_rejects = usable_utterances(read_manifest(d.eval), sr, d.max_seconds, d.eval, fits)
+        eval_set, rejects = SpeechDataset(eval_utts, sr, d.prompt, d.max_seconds), rejects + eval_rejects
+    cache = _encoder_fixed(recipe)
+    train_batches = Batcher(train_set, processor, model, device, cache, teacher=bool(t.distill_weight))
+    eval_batches = Batcher(eval_set, processor, model, device, cache) if eval_set else None
+    if cache:
+        start = time.perf_counter()
+        train_batches.fill_cache(t.batch_size, "encoding train audio (frozen encoder, once)", d.encoded)
+        if eval_batches:
+            eval_batches.fill_cache(t.batch_size, "encoding eval audio (frozen encoder, once)", d.encoded)
+        logger.info("cached frozen encoder outputs in %.1f s", time.perf_counter() - start)
+    if t.objective == "dpo":
+        train_batches = PreferenceBatcher(train_batches, family, model, t.batch_size, "reference log-probs of train pairs (once)")
+        eval_batches = PreferenceBatcher(eval_batches, family, model, t.batch_size, "reference log-probs of eval pairs (once)") if eval_batches else None
+    return Parts(model, family, train_batches, eval_batches, train_set.lengths(), len(train_set.utterances),
+                 save=lambda m, out: save_final(m, processor, out), rebuild=lambda: build_model(recipe)[0],
+                 text_model=lambda m: (m.language_model, processor.tokenizer),
+                 samples=(lambda n, generate: _samples(family, model, processor, eval_set, n, generate)) if eval_set else None,
+                 rejects=rejects)
+
+
+@torch.no_grad()
+def _samples(family: Family, model, processor: SpeechLMProcessor, dataset: SpeechDataset, n: int, generate) -> list[dict]:
+    """The first `n` eval clips with their reference and the model's answer (`generate`: the
+    caller's answer generator, `(model, processor, waves, prompts, max_new_tokens) -> answers`)."""
+    items = [dataset[i] for i in range(min(n, len(dataset)))]
+    was_training = model.training
+    model.eval()
+    try:
+        answers = generate(model, processor, [it["audio"] for it in items], [it["prompt"] for it in items], max_new_tokens=32)
+    finally:
+        if was_training:
+            family.train_mode(model)  # a frozen encoder stays in eval mode, as when its outputs were cached
+    return [{"audio": it["audio"], "sampling_rate": dataset.sampling_rate, "reference": it["response"], "answer": a}
+            for it, a in zip(items, answers)]
+
+
+def save_final(model, processor, out_dir: Path) -> None:
+    """Save into a temp folder, then move each file into place: no half-written model file.
+
+    LoRA adapters are merged first, so the folder is an ordinary model that loads without peft.
+    """
+    from .adapt import has_lora, merge_lora
+
+    if has_lora(model):
+        merge_lora(model)
+    tmp = out_dir / ".save.tmp"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    save_speech_lm(model, processor, tmp)
+    for f in tmp.iterdir():
+        os.replace(f, out_dir / f.name)
+    tmp.rmdir()
