@@ -1,5 +1,6 @@
-"""Loss weights per token type (train.loss_weights) on a units LM: each type gets its weight, and the
-weighted loss is what a hand computation gives."""
+"""The training losses: loss weights per token type (train.loss_weights) on a units LM, each type
+getting its weight and the weighted loss what a hand computation gives; DPO's sequence
+log-probabilities; the listening family's loss path (labelled positions only, the prefix cache)."""
 
 from __future__ import annotations
 
@@ -93,3 +94,52 @@ def test_sequence_logprobs_equal_the_full_softmax_sum():
     t = labels[:, 1:]
     want = (torch.log_softmax(logits, -1).gather(-1, t.clamp(min=0)[..., None])[..., 0] * (t != -100)).sum(-1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# -- the listening family's loss path (train/listening.py) -----------------------------------------
+CLIPS = ["7_jackson_0.wav", "3_george_1.wav", "0_lucas_2.wav"]
+
+
+def test_listening_loss_equals_the_forward_loss(fsdd, tiny_lm):
+    """The training loss (output layer on labelled positions only) is the model's own forward loss."""
+    from conftest import fsdd_clip
+    from earful.train.listening import listening_family
+
+    model, processor = tiny_lm
+    batch = processor([fsdd_clip(c) for c in CLIPS], responses=["seven", "three", "zero"])
+    with torch.no_grad():
+        torch.testing.assert_close(listening_family(model).loss(model, batch), model(**batch).loss)
+
+
+def test_prefix_cache_gives_the_same_loss_and_gradients(fsdd, tiny_lm):
+    """A frozen LLM's shared prompt prefix, run once and reused as keys/values, changes nothing."""
+    from conftest import fsdd_clip
+    from earful.train.listening import PrefixCache, freeze, listening_family
+
+    model, processor = tiny_lm
+    processor.prompt_format.system_prompt = "You transcribe speech."
+    freeze(model, encoder=True, decoder=True)
+    waves = [fsdd_clip(n) for n in ("3_george_0.wav", "8_lucas_12.wav", "0_jackson_4.wav")]
+    batch = processor(waves, "Transcribe the audio: <|audio|>", ["three", "eight", "zero"])
+    cache = PrefixCache(model)
+    P, _ = cache.split(batch["input_ids"], batch["attention_mask"])
+    first_audio = int((batch["input_ids"][0] == model.config.audio_token_id).nonzero()[0])
+    assert 10 < P <= first_audio  # the system prompt and the user turn's opening words
+    plain, cached = listening_family(model), listening_family(model, prefix_cache=cache)
+    losses, grads = [], []
+    for family in (plain, cached, cached):  # the second use reads the stored keys/values
+        model.zero_grad()
+        loss = family.loss(model, batch)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(model.multi_modal_projector.linear_1.weight.grad.clone())
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5) and losses[2] == losses[1]
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
+    # Rows with their own prompts share less: the prefix stops where they first differ.
+    other = processor(waves[:2], ["Transcribe the audio: <|audio|>", "<|audio|> what was said?"], ["three", "eight"])
+    ids = other["input_ids"]
+    P2, _ = cache.split(ids, other["attention_mask"])
+    assert P2 == int((ids[0] != ids[1]).nonzero()[0]) < P
+    with torch.no_grad():
+        assert cached.loss(model, other).item() == pytest.approx(plain.loss(model, other).item(), abs=1e-5)
+    processor.prompt_format.system_prompt = None

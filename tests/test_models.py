@@ -75,45 +75,6 @@ def test_placeholders_labels_and_padding(fsdd, tiny_lm):
     assert gen["attention_mask"][:, -1].all() and "labels" not in gen
 
 
-def test_training_loss_equals_the_forward_loss(fsdd, tiny_lm):
-    model, processor = tiny_lm
-    batch = processor([fsdd_clip(c) for c in CLIPS], responses=["seven", "three", "zero"])
-    with torch.no_grad():
-        torch.testing.assert_close(model.training_loss(**batch), model(**batch).loss)
-
-
-def test_prefix_cache_gives_the_same_loss_and_gradients(fsdd, tiny_lm):
-    """A frozen LLM's shared prompt prefix, run once and reused as keys/values, changes nothing."""
-    from earful.models.listening import PrefixCache
-
-    model, processor = tiny_lm
-    processor.prompt_format.system_prompt = "You transcribe speech."
-    model.freeze(encoder=True, decoder=True)
-    waves = [fsdd_clip(n) for n in ("3_george_0.wav", "8_lucas_12.wav", "0_jackson_4.wav")]
-    batch = processor(waves, "Transcribe the audio: <|audio|>", ["three", "eight", "zero"])
-    cache = PrefixCache(model)
-    P, _ = cache.split(batch["input_ids"], batch["attention_mask"])
-    first_audio = int((batch["input_ids"][0] == model.config.audio_token_id).nonzero()[0])
-    assert 10 < P <= first_audio  # the system prompt and the user turn's opening words
-    losses, grads = [], []
-    for pc in (None, cache, cache):  # the second use reads the stored keys/values
-        model.zero_grad()
-        loss = model.training_loss(**batch, prefix_cache=pc)
-        loss.backward()
-        losses.append(loss.item())
-        grads.append(model.multi_modal_projector.linear_1.weight.grad.clone())
-    assert losses[1] == pytest.approx(losses[0], abs=1e-5) and losses[2] == losses[1]
-    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
-    # Rows with their own prompts share less: the prefix stops where they first differ.
-    other = processor(waves[:2], ["Transcribe the audio: <|audio|>", "<|audio|> what was said?"], ["three", "eight"])
-    ids = other["input_ids"]
-    P2, _ = cache.split(ids, other["attention_mask"])
-    assert P2 == int((ids[0] != ids[1]).nonzero()[0]) < P
-    with torch.no_grad():
-        assert model.training_loss(**other, prefix_cache=cache).item() == pytest.approx(model.training_loss(**other).item(), abs=1e-5)
-    processor.prompt_format.system_prompt = None
-
-
 def test_placeholder_count_mismatch_is_a_clear_error(fsdd, tiny_lm):
     model, processor = tiny_lm
     batch = processor([fsdd_clip(CLIPS[0])])
@@ -163,7 +124,8 @@ def test_save_and_reload_give_the_same_logits(fsdd, tiny_lm, tmp_path):
 
 def test_freezing_and_gradient_checkpointing_train_only_the_projector(fsdd, tiny_lm):
     model, processor = tiny_lm
-    model.freeze(encoder=True, decoder=True)
+    model.audio_tower.requires_grad_(False)
+    model.language_model.requires_grad_(False)
     model.activation_checkpointing_enable({"use_reentrant": False})
     model.train()
     batch = processor([fsdd_clip(c) for c in CLIPS], responses=["seven", "three", "zero"])

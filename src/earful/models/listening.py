@@ -153,41 +153,6 @@ def utterance_norm(hidden: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5) 
     return centred / ((centred**2).sum(1, keepdim=True) / n + eps).sqrt()
 
 
-class PrefixCache:
-    """Keys and values of the prompt prefix every training row shares, computed once by a frozen LLM.
-
-    A listening LM's training rows start alike (system prompt, the user turn's opening words) up
-    to the first audio position; with the LLM frozen, those positions give the same keys and values
-    at every step. `split` finds the shared prefix of a right-padded batch (never past the first
-    `<|audio|>`), and returns its length and a cache holding it for every row. Saves roughly the
-    prefix's share of the LLM's compute, forward and backward.
-    """
-
-    def __init__(self, model: SpeechLMForConditionalGeneration, min_length: int = 4):
-        self.model, self.min_length = model, min_length
-        self._kv: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-
-    def split(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
-        from transformers.cache_utils import DynamicCache
-
-        B, L = input_ids.shape
-        same = (input_ids == input_ids[:1]).all(0) & (input_ids[0] != self.model.config.audio_token_id)
-        if attention_mask is not None:
-            same &= attention_mask.bool().all(0)
-        P = int(same.long().cumprod(0).sum())  # leading run of shared, real, non-audio positions
-        if P < self.min_length or P >= L:
-            return 0, None
-        key = tuple(input_ids[0, :P].tolist())
-        if key not in self._kv:
-            with torch.no_grad():
-                out = self.model.language_model.get_decoder()(input_ids=input_ids[:1, :P], use_cache=True)
-            if out.past_key_values is None:  # the decoder keeps no cache (e.g. gradient checkpointing): no shortcut
-                return 0, None
-            self._kv[key] = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        kv = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in self._kv[key]]
-        return P, DynamicCache(ddp_cache_data=kv, config=self.model.language_model.config)
-
-
 class SpeechLMForConditionalGeneration(SpeechLMPreTrainedModel, GenerationMixin):
     """A listening LM: `audio_tower` -> `audio_stacker` -> `multi_modal_projector` -> `language_model`."""
 
@@ -316,48 +281,6 @@ class SpeechLMForConditionalGeneration(SpeechLMPreTrainedModel, GenerationMixin)
             inputs_embeds = self._merge_audio(slots, inputs_embeds, embeds, mask, from_ids=input_ids is not None)
         return inputs_embeds
 
-    def labelled_logits(self, labels: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                        prefix_cache: PrefixCache | None = None, **audio_and_ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits where a label is: (n_labelled, V), their targets (n_labelled,) and rows (n_labelled,).
-
-        The output layer runs only there: with a 49k-token vocabulary it is ~20% of a small LLM's
-        compute, and most positions (prompt, audio) carry no label. With a `prefix_cache` (frozen
-        LLM only), the prompt tokens every row shares before the audio are not run again: their
-        keys and values, computed once, stand in for them. LLMs whose causal-LM head does more than
-        a linear layer (e.g. Gemma's logit soft-capping) take the ordinary forward.
-        """
-        if getattr(self.config.text_config, "final_logit_softcapping", None):
-            keep = labels[:, 1:] != -100
-            logits = self(attention_mask=attention_mask, return_dict=True, **audio_and_ids).logits[:, :-1][keep]
-            return logits, labels[:, 1:][keep], keep.nonzero()[:, 0]
-        extra = {}
-        if prefix_cache is not None:
-            P, cache = prefix_cache.split(audio_and_ids["input_ids"], attention_mask)
-            if P:
-                B, L = labels.shape
-                audio_and_ids = {**audio_and_ids, "input_ids": audio_and_ids["input_ids"][:, P:]}
-                labels = labels[:, P - 1 :]  # position P-1's hidden state (in the cache) predicts token P: unlabelled
-                extra = {"past_key_values": cache, "use_cache": True,
-                         "position_ids": torch.arange(P, L, device=labels.device)[None].expand(B, -1)}
-        inputs_embeds = self.embed_inputs(**audio_and_ids)
-        hidden = self.language_model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **extra).last_hidden_state
-        if extra:
-            hidden = torch.cat([hidden.new_zeros(hidden.shape[0], 1, hidden.shape[2]), hidden], 1)  # stands for position P-1
-        targets = labels[:, 1:]  # (B, L-1)
-        keep = targets != -100
-        return self.get_output_embeddings()(hidden[:, :-1][keep]), targets[keep], keep.nonzero()[:, 0]
-
-    def training_loss(self, labels: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                      prefix_cache: PrefixCache | None = None, token_weights=None, **audio_and_ids) -> torch.Tensor:
-        """Mean next-token loss over the labelled positions (`labelled_logits`): the value of
-        `forward(...).loss`, cheaper. Soft-capping LLMs take `forward(...).loss` itself."""
-        if getattr(self.config.text_config, "final_logit_softcapping", None):
-            return self(labels=labels, attention_mask=attention_mask, return_dict=True, **audio_and_ids).loss
-        from ..train.losses import weighted_cross_entropy
-
-        logits, targets, _ = self.labelled_logits(labels, attention_mask, prefix_cache, **audio_and_ids)
-        return weighted_cross_entropy(logits, targets, token_weights)
-
     @can_return_tuple
     def forward(
         self,
@@ -421,9 +344,3 @@ class SpeechLMForConditionalGeneration(SpeechLMPreTrainedModel, GenerationMixin)
         if is_first_iteration or not kwargs.get("use_cache", True):
             model_inputs.update(audio)
         return model_inputs
-
-    def freeze(self, encoder: bool = False, projector: bool = False, decoder: bool = False) -> None:
-        """Turn off gradients of the named parts (`freeze_encoder`, `freeze_projector`, `freeze_decoder`)."""
-        for part, frozen in ((self.audio_tower, encoder), (self.multi_modal_projector, projector), (self.language_model, decoder)):
-            if frozen:
-                part.requires_grad_(False)

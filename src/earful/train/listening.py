@@ -1,10 +1,12 @@
 """The trainer's parts for the listening family (`model.kind: listening`): encoder -> projector -> LLM.
 
 `listening_parts` builds what the loop in trainer.py needs: the model as the recipe sets it up
-(freezing, LoRA, layer dropping), its `Family` (loss, token weights, prefix cache), and batchers
-over the manifests. A frozen encoder's outputs are computed once, before the first step, and
-reused every epoch (SlamKit's lesson: never pay twice for a frozen stage); with a frozen LLM, the
-prompt prefix every row shares is run once (`PrefixCache`).
+(freezing, LoRA, layer dropping), its `Family` (the loss from `labelled_logits`, token weights,
+prefix cache), and batchers over the manifests. A frozen encoder's outputs are computed once,
+before the first step, and reused every epoch (SlamKit's lesson: never pay twice for a frozen
+stage); with a frozen LLM, the prompt prefix every row shares is run once (`PrefixCache`). The
+model file (models/listening.py) holds no training code: the loss path, the prefix cache and
+freezing are here.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ..data.dataset import SpeechDataset, length_grouped_batches, prompt_of, res
 from ..data.manifest import read_manifest
 from ..models.build import build_speech_lm, load_speech_lm, save_speech_lm
 from ..models.encoders import stacked_lengths
-from ..models.listening import PrefixCache, SpeechLMForConditionalGeneration
+from ..models.listening import SpeechLMForConditionalGeneration
 from ..models.processing import PromptFormat, SpeechLMProcessor, check_audio_length
 from .family import Family, Parts, check_trainable, token_weights, warn_upcast
 from .preference import PreferenceBatcher
@@ -55,7 +57,7 @@ def build_model(recipe: Recipe) -> tuple[SpeechLMForConditionalGeneration, Speec
 
         drop_layers(model.language_model, m.keep_every_nth_layer)
         model.config.text_config = model.language_model.config
-    model.freeze(encoder=m.freeze_encoder, projector=m.freeze_projector, decoder=m.freeze_decoder)
+    freeze(model, encoder=m.freeze_encoder, projector=m.freeze_projector, decoder=m.freeze_decoder)
     if m.lora:
         from .adapt import add_lora
 
@@ -72,22 +74,89 @@ def build_model(recipe: Recipe) -> tuple[SpeechLMForConditionalGeneration, Speec
     return model, processor
 
 
-def listening_family(recipe: Recipe, model: SpeechLMForConditionalGeneration, processor: SpeechLMProcessor) -> Family:
-    """The listening LM's losses: logits at labelled positions only, the recipe's token weights,
-    a prefix cache when the LLM is frozen, and a frozen (cached) encoder kept in eval mode."""
-    return Family(
-        logits_at_labels=lambda m, batch, prefix_cache: m.labelled_logits(**batch, prefix_cache=prefix_cache),
-        softcapped=bool(getattr(model.config.text_config, "final_logit_softcapping", None)),
-        token_weights=token_weights(recipe.train.loss_weights, {processor.tokenizer.eos_token_id}),
-        # A frozen LLM: the shared prompt prefix is run once, not every step.
-        prefix_cache=PrefixCache(model) if _prefix_cache_on(recipe, model) else None,
-        kept_in_eval=[model.audio_tower] if _encoder_fixed(recipe) else [],  # without dropout, so its outputs can be cached
-    )
+def freeze(model: SpeechLMForConditionalGeneration, encoder: bool = False, projector: bool = False, decoder: bool = False) -> None:
+    """Turn off gradients of the named parts (model.freeze_encoder, freeze_projector, freeze_decoder)."""
+    for part, frozen in ((model.audio_tower, encoder), (model.multi_modal_projector, projector), (model.language_model, decoder)):
+        if frozen:
+            part.requires_grad_(False)
 
 
-def _encoder_fixed(recipe: Recipe) -> bool:
-    """The encoder does not train (frozen, no LoRA on it): its outputs are computed once."""
-    return recipe.model.freeze_encoder and recipe.model.lora not in ("encoder", "both")
+class PrefixCache:
+    """Keys and values of the prompt prefix every training row shares, computed once by a frozen LLM.
+
+    A listening LM's training rows start alike (system prompt, the user turn's opening words) up
+    to the first audio position; with the LLM frozen, those positions give the same keys and values
+    at every step. `split` finds the shared prefix of a right-padded batch (never past the first
+    `<|audio|>`), and returns its length and a cache holding it for every row. Saves roughly the
+    prefix's share of the LLM's compute, forward and backward.
+    """
+
+    def __init__(self, model: SpeechLMForConditionalGeneration, min_length: int = 4):
+        self.model, self.min_length = model, min_length
+        self._kv: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def split(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        from transformers.cache_utils import DynamicCache
+
+        B, L = input_ids.shape
+        same = (input_ids == input_ids[:1]).all(0) & (input_ids[0] != self.model.config.audio_token_id)
+        if attention_mask is not None:
+            same &= attention_mask.bool().all(0)
+        P = int(same.long().cumprod(0).sum())  # leading run of shared, real, non-audio positions
+        if P < self.min_length or P >= L:
+            return 0, None
+        key = tuple(input_ids[0, :P].tolist())
+        if key not in self._kv:
+            with torch.no_grad():
+                out = self.model.language_model.get_decoder()(input_ids=input_ids[:1, :P], use_cache=True)
+            if out.past_key_values is None:  # the decoder keeps no cache (e.g. gradient checkpointing): no shortcut
+                return 0, None
+            self._kv[key] = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        kv = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in self._kv[key]]
+        return P, DynamicCache(ddp_cache_data=kv, config=self.model.language_model.config)
+
+
+def labelled_logits(model: SpeechLMForConditionalGeneration, batch: dict[str, torch.Tensor],
+                    prefix_cache: PrefixCache | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits where a label is: (n_labelled, V), their targets (n_labelled,) and rows (n_labelled,).
+
+    The output layer runs only there: with a 49k-token vocabulary it is ~20% of a small LLM's
+    compute, and most positions (prompt, audio) carry no label. With a `prefix_cache` (frozen
+    LLM only), the prompt tokens every row shares before the audio are not run again: their
+    keys and values, computed once, stand in for them. LLMs whose causal-LM head does more than
+    a linear layer (e.g. Gemma's logit soft-capping) take the ordinary forward.
+    """
+    labels, attention_mask = batch["labels"], batch.get("attention_mask")
+    audio_and_ids = {k: v for k, v in batch.items() if k not in ("labels", "attention_mask")}
+    if getattr(model.config.text_config, "final_logit_softcapping", None):
+        keep = labels[:, 1:] != -100
+        logits = model(attention_mask=attention_mask, return_dict=True, **audio_and_ids).logits[:, :-1][keep]
+        return logits, labels[:, 1:][keep], keep.nonzero()[:, 0]
+    extra = {}
+    if prefix_cache is not None:
+        P, cache = prefix_cache.split(audio_and_ids["input_ids"], attention_mask)
+        if P:
+            B, L = labels.shape
+            audio_and_ids = {**audio_and_ids, "input_ids": audio_and_ids["input_ids"][:, P:]}
+            labels = labels[:, P - 1 :]  # position P-1's hidden state (in the cache) predicts token P: unlabelled
+            extra = {"past_key_values": cache, "use_cache": True,
+                     "position_ids": torch.arange(P, L, device=labels.device)[None].expand(B, -1)}
+    inputs_embeds = model.embed_inputs(**audio_and_ids)  # (B, L', D), the audio in its slots
+    hidden = model.language_model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **extra).last_hidden_state
+    if extra:
+        hidden = torch.cat([hidden.new_zeros(hidden.shape[0], 1, hidden.shape[2]), hidden], 1)  # stands for position P-1
+    targets = labels[:, 1:]  # (B, L-1)
+    keep = targets != -100
+    return model.get_output_embeddings()(hidden[:, :-1][keep]), targets[keep], keep.nonzero()[:, 0]
+
+
+def listening_family(model: SpeechLMForConditionalGeneration, weights=None, prefix_cache: PrefixCache | None = None,
+                     encoder_fixed: bool = False) -> Family:
+    """The listening LM's losses: logits at labelled positions only (`labelled_logits`), weighted
+    per token type by `weights` (train.loss_weights), through `prefix_cache` when the LLM is frozen; a fixed
+    encoder stays in eval mode (without dropout, so its outputs can be cached)."""
+    return Family(logits_at_labels=labelled_logits, softcapped=bool(getattr(model.config.text_config, "final_logit_softcapping", None)),
+                  token_weights=weights, prefix_cache=prefix_cache, kept_in_eval=[model.audio_tower] if encoder_fixed else [])
 
 
 def _prefix_cache_on(recipe: Recipe, model) -> bool:
@@ -103,6 +172,12 @@ def _prefix_cache_on(recipe: Recipe, model) -> bool:
     if why:
         logger.warning("train.prefix_cache: true -> off, because %s", " and ".join(why))
     return not why
+
+
+
+def _encoder_fixed(recipe: Recipe) -> bool:
+    """The encoder does not train (frozen, no LoRA on it): its outputs are computed once."""
+    return recipe.model.freeze_encoder and recipe.model.lora not in ("encoder", "both")
 
 
 class Batcher:
@@ -220,7 +295,8 @@ def listening_parts(recipe: Recipe, device: torch.device) -> Parts:
     t, d = recipe.train, recipe.data
     model, processor = build_model(recipe)
     model.to(device).train()
-    family = listening_family(recipe, model, processor)
+    family = listening_family(model, token_weights(t.loss_weights, {processor.tokenizer.eos_token_id}),
+                              PrefixCache(model) if _prefix_cache_on(recipe, model) else None, _encoder_fixed(recipe))
     family.train_mode(model)
     check_trainable(model)
 
