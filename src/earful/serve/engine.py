@@ -317,7 +317,7 @@ class _Rows(StoppingCriteria):
         if len(row) >= o.max_new_tokens:
             return self.close(i, job, Generation(self.decode(row).strip(), len(job.ids), len(row), "length", list(row)))
         if job.stream is not None:
-            visible = self.decode(row).strip().rstrip("\ufffd")
+            visible = self.decode(row).strip().rstrip("\ufffd").rstrip()  # a trailing space waits: the answer ends stripped
             for s in o.stop:  # an end of the text that starts a stop sequence waits for the next tokens
                 k = next((k for k in range(min(len(s) - 1, len(visible)), 0, -1) if s.startswith(visible[-k:])), 0)
                 visible = visible[: len(visible) - k]
