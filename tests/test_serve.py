@@ -144,6 +144,24 @@ def test_openai_client_chat_with_input_audio(server, reference):
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [audio_part(FSDD_REC / CLIPS[0])]}])
     assert r.choices[0].message.content == reference_answer(reference, ("user", None, CLIPS[0])).text
     assert [m.id for m in client.models.list().data] == [MODEL]
+    # An M4A upload (decoded through ffmpeg, as every verb does) is heard as the same clip.
+    m4a = _ffmpeg_convert(FSDD_REC / CLIPS[0], "m4a")
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
+        {"type": "text", "text": PROMPT},
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(m4a).decode(), "format": "m4a"}}]}])
+    assert r.choices[0].message.content == reference.generate(
+        [{"role": "user", "content": [PROMPT, m4a]}], DecodingOptions(max_new_tokens=128)).text
+
+
+def _ffmpeg_convert(path, fmt: str) -> bytes:
+    import tempfile
+
+    from earful.audio import find_ffmpeg
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / f"clip.{fmt}"
+        subprocess.run([find_ffmpeg(), "-loglevel", "error", "-i", str(path), str(out)], check=True)
+        return out.read_bytes()
 
 
 def test_openai_client_streaming_matches_the_whole_answer(server):

@@ -38,7 +38,8 @@ from .engine import MAX_STOP_SEQUENCES, DecodingOptions, RequestError, ServerBus
 
 logger = logging.getLogger(__name__)
 
-AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
+# The decoder recognises a container by its bytes; the field is checked for what OpenAI clients send.
+AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "m4a", "mp4", "webm", "aac", "opus")
 DEFAULT_MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # OpenAI's limit for /v1/audio/transcriptions
 DEFAULT_READ_TIMEOUT_S = 15.0  # a body that sends nothing for this long gets a 408
 # A body over the limit is read and dropped, up to this much, before the 413: clients such as
