@@ -217,6 +217,24 @@ def test_no_setting_is_changed_silently(tiny_parts, manifests, tmp_path):
         assert re.search(rf"WARNING earful\.train\.\w+: {re.escape(line)}", r.stderr), line
 
 
+def test_train_without_hooks_runs_no_evaluation_of_eval_and_says_so(tiny_parts, manifests, tmp_path, caplog):
+    """train/ imports nothing from eval/: `train()` called without hooks (as a script or benchmark
+    may) trains, but with no text-ability scorer the gate is off and with no answer generator no
+    samples are logged; a recipe that asked for them is told so, old and new value."""
+    from earful.train.recipe import load_recipe
+    from earful.train.trainer import train
+
+    sets = recipe_args(tiny_parts, manifests, max_steps=2, eval_every=2, save_every=0, text_gate="on", log_samples=2)[1:]
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "digits.yaml", [str(s) for s in sets])
+    with caplog.at_level("WARNING", logger="earful.train"):
+        summary = train(recipe, tmp_path / "run")
+    assert summary["steps"] == 2 and summary["eval_loss"] is not None and "text_ability" not in summary
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("train.text_gate: on -> off, because train() was given no text-ability scorer") for m in said), said
+    assert any(m.startswith("train.log_samples: 2 -> 0, because train() was given no answer generator") for m in said), said
+    assert not (tmp_path / "run" / "text_ability_before.json").exists()
+
+
 def test_bad_recipe_is_one_clear_error(tmp_path):
     r = run_cli("train", Path(__file__).parents[1] / "recipes" / "digits.yaml", "--out", tmp_path / "x", "--set", "train.batch_size=0", "train.nope=1")
     assert r.returncode == 2
