@@ -85,6 +85,17 @@ def whisper_dir() -> str:
     return resolve("bundled:whisper-tiny.en")
 
 
+class Steps:
+    """Counts the model's forward calls: one per generated token once the prompt is in."""
+
+    def __init__(self, model):
+        self.n = 0
+        self.handle = model.register_forward_hook(self.hook)
+
+    def hook(self, *_):
+        self.n += 1
+
+
 def tiny_configs(vocab_size: int):
     from transformers import LlamaConfig, WhisperConfig
 

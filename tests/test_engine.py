@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import FSDD_REC, fsdd_clip
+from conftest import FSDD_REC, Steps, fsdd_clip
 
 from earful.audio import AudioError
 from earful.serve.engine import DecodingOptions, RequestError, ServerBusy, SpeechLM
@@ -28,17 +28,6 @@ def engine(tiny_lm, fsdd):
     with SpeechLM(model, processor, name="tiny", max_batch_size=4, batch_wait_s=0.05, max_audio_seconds=5,
                   max_request_audio_seconds=8, max_clips=3) as lm:
         yield lm
-
-
-class Steps:
-    """Counts the model's forward calls: one per generated token once the prompt is in."""
-
-    def __init__(self, model):
-        self.n = 0
-        self.handle = model.register_forward_hook(self.hook)
-
-    def hook(self, *_):
-        self.n += 1
 
 
 def hi(options: DecodingOptions | None = None, text: str = "hi") -> tuple[list[dict], DecodingOptions]:

@@ -36,7 +36,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import FSDD_REC, ROOT, tiny_configs
+from conftest import FSDD_REC, ROOT, Steps, tiny_configs
 
 from earful.serve.engine import DecodingOptions
 
@@ -470,17 +470,6 @@ def tiny_server(smol_dir, whisper_dir):
 
 def tiny_chat(max_tokens: int, **extra) -> dict:
     return {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, **extra}
-
-
-class Steps:
-    """Counts the model's forward calls: one per generated token once the prompt is in."""
-
-    def __init__(self, model):
-        self.n = 0
-        self.handle = model.register_forward_hook(self.hook)
-
-    def hook(self, *_):
-        self.n += 1
 
 
 def _wait_for(condition, what: str, timeout: float = 15) -> None:
