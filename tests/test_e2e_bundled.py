@@ -31,7 +31,11 @@ def test_digits_recipe_end_to_end(digits_model, tmp_path):
     r = run_cli("eval", "asr", "--model", out, "--data", short, "--out", tmp_path / "report.json")
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["n"] == 20 and 0 <= report["wer"] and "WER" in r.stdout
+    assert report["n"] == 20 and f"WER {report['wer']:.4f}" in r.stdout, r.stdout
+    correct = [u["correct"] for u in report["utterances"]]
+    assert report["accuracy"] == pytest.approx(sum(correct) / 20)
+    # One word a clip: the WER counts the clips answered wrong (a substitution, or a deletion plus insertions).
+    assert report["wer"] >= (20 - sum(correct)) / 20
     # After DIGITS_STEPS steps the model answers with digit words, not free text, and mostly the right ones
     # (chance is 0.1; the full recipe reaches 0.99 on this speaker, see benchmarks/).
     digits = {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "oh"}
