@@ -1,0 +1,176 @@
+"""`earful data ...`: manifests from audio (known corpora, raw sources, long recordings, synthesis, pre-encoding)."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Literal
+
+from ._parser import Arg, Count, NonNegative, Positive, UsageError, _float, verb
+
+
+@verb("data prepare fsdd")
+def data_prepare_fsdd(folder: str, *, out: str, speakers: str | None = None) -> None:
+    """Build a manifest from FSDD-style recordings named {digit}_{speaker}_{index}.wav.
+
+    The transcript is the digit's English word. --speakers a,b keeps only those speakers.
+
+    Args:
+        folder: folder of recordings (or its parent holding recordings/)
+        out: manifest to write (JSON Lines)
+        speakers: comma-separated speakers to keep
+    """
+    from ..data.fsdd import fsdd_utterances
+    from ..data.manifest import write_manifest
+
+    wanted = [s.strip() for s in speakers.split(",") if s.strip()] if speakers else None
+    try:
+        rows = fsdd_utterances(folder, wanted)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    n = write_manifest(rows, out)
+    hours = sum(r.duration or 0 for r in rows) / 3600
+    print(f"wrote {out}: {n} utterances, {len({r.speaker for r in rows})} speakers, {hours * 60:.1f} min of audio")
+
+
+@verb("data prepare tts-digits")
+def data_prepare_tts_digits(out_dir: str, *, per_digit: Count = 20, seed: int = 0) -> None:
+    """Synthesise spoken digits with the bundled Piper voice (for machines without FSDD).
+
+    Writes OUT_DIR/recordings/{digit}_piper{v}_{i}.wav at varied speed and noise (v names the
+    setting, as a pseudo-speaker) and OUT_DIR/manifest.jsonl.
+
+    Args:
+        per_digit: clips per digit (default 20)
+    """
+    from ..data.tts_digits import synthesise_digits
+
+    manifest = synthesise_digits(out_dir, per_digit=per_digit, seed=seed)
+    print(f"wrote {manifest}")
+
+
+@verb("data prepare tts-storycloze")
+def data_prepare_tts_storycloze(out_dir: str, *, limit: Count | None = None) -> None:
+    """Synthesise a small spoken StoryCloze-style set with the bundled Piper voice.
+
+    Writes OUT_DIR/audio/*.wav and OUT_DIR/pairs.jsonl: per story an sStoryCloze pair (right vs.
+    contradicting ending) and a tStoryCloze pair (right vs. another story's ending), for `eval pairs`.
+
+    Args:
+        limit: only the first N stories
+    """
+    from ..data.storycloze import build_spoken_storycloze
+
+    print(f"wrote {build_spoken_storycloze(out_dir, limit)}")
+
+
+@verb("data ingest")
+def data_ingest(sources: Annotated[list[str], Arg(metavar="SOURCE")], *, out: str, transcripts: str | None = None,
+                min_seconds: NonNegative = 0.1, max_seconds: Positive = 600.0,
+                silence_dbfs: Annotated[float, Arg(_float(high=0))] = -60.0, enable_file_urls: bool = False) -> int:
+    """Check raw audio from folders, files, manifests, CSVs, datasets or URLs into OUT/manifest.jsonl.
+
+    SOURCE: a folder (transcripts from NAME.txt / NAME.lab sidecars or --transcripts CSV), an audio
+    file, a manifest (.jsonl), a CSV (audio,text), a datasets file (.parquet/.arrow) or hf:NAME,
+    a URL or yt-dlp search (ytsearch3:QUERY), or a .txt listing URLs. Every clip is decoded and
+    measured; unusable ones go to OUT/rejects.jsonl with the reason. OUT/summary.json: in = out + rejected.
+
+    Args:
+        out: output folder
+        transcripts: CSV of audio,text for folder sources
+        min_seconds: shorter clips are rejected (default 0.1)
+        max_seconds: longer clips are rejected (default 600; segment long recordings first)
+        silence_dbfs: clips whose peak is below this are rejected as silent (default -60)
+        enable_file_urls: let yt-dlp fetch file:// URLs
+    """
+    from ..data.ingest import IngestError, ingest
+
+    if min_seconds >= max_seconds:
+        raise UsageError(f"--min-seconds {min_seconds:g} must be less than --max-seconds {max_seconds:g}")
+    try:
+        s = ingest(sources, out, transcripts=transcripts, min_seconds=min_seconds, max_seconds=max_seconds,
+                   silence_dbfs=silence_dbfs, enable_file_urls=enable_file_urls)
+    except IngestError as e:
+        raise UsageError(str(e)) from None
+    print(f"{out}/manifest.jsonl: {s['in']} in = {s['out']} kept ({s['hours'] * 60:.1f} min) + {s['rejected']} rejected (see {out}/rejects.jsonl)")
+    return 0
+
+
+@verb("data segment")
+def data_segment(inputs: Annotated[list[str], Arg(metavar="INPUT")], *, out: str, by: Literal["fixed", "vad"] = "fixed",
+                 seconds: Positive = 30.0, min_seconds: NonNegative = 1.0, max_seconds: Positive = 30.0, reencode: bool = False) -> int:
+    """Cut long recordings into clips: fixed slices by ffmpeg stream copy, or speech regions by Silero VAD.
+
+    INPUT is an audio file or a manifest (.jsonl). Writes OUT/segments/*, OUT/manifest.jsonl and
+    OUT/rejects.jsonl. --by fixed --seconds 30 cuts without re-encoding (--reencode to decode and
+    encode again); --by vad keeps speech, merging regions up to --max-seconds, dropping those under --min-seconds.
+
+    Args:
+        seconds: slice length for --by fixed (default 30)
+        min_seconds: --by vad: drop shorter regions (default 1)
+        max_seconds: --by vad: merge regions up to this (default 30)
+        reencode: --by fixed: decode and encode again instead of stream copy
+    """
+    from ..data.segment import segment
+
+    if by == "vad" and min_seconds >= max_seconds:
+        raise UsageError(f"--min-seconds {min_seconds:g} must be less than --max-seconds {max_seconds:g}")
+    s = segment(inputs, out, by=by, seconds=seconds, min_seconds=min_seconds, max_seconds=max_seconds, reencode=reencode)
+    print(f"{out}/manifest.jsonl: {s['in']} recordings ({s['audio_seconds_in'] / 60:.1f} min) -> {s['segments']} segments "
+          f"({s['audio_seconds_out'] / 60:.1f} min), {s['rejected']} rejected; {s['real_time_factor']}x real time")
+    return 0
+
+
+@verb("data synth")
+def data_synth(*, out: str, text: str | None = None, instructions: str | None = None, voices: str | None = None,
+               seed: int = 0, limit: Count | None = None) -> int:
+    """Synthesise speech from text with the project's voices (Piper + espeak-ng) into OUT/manifest.jsonl.
+
+    --text FILE: one utterance a line (ASR data). --instructions FILE (.jsonl/.parquet with
+    prompt/response, instruction/output or question/answer): the prompt is spoken, the response is
+    the target (spoken-instruction data). --voices: comma list of piper, piper:VOICE.onnx, espeak:NAME.
+
+    Args:
+        text: a file of lines to speak
+        instructions: instruction data (.jsonl or .parquet)
+        voices: comma list (default: piper,espeak:en-us+m3,espeak:en+f2,espeak:en-gb-scotland)
+        limit: only the first N lines
+    """
+    from ..data.spoken import DEFAULT_VOICES, read_instructions, read_lines, synthesize_corpus
+
+    if (text is None) == (instructions is None):
+        raise UsageError("give exactly one of --text FILE or --instructions FILE")
+    try:
+        lines = read_lines(text) if text else read_instructions(instructions)
+        s = synthesize_corpus(lines[:limit] if limit else lines, out, voices=voices or DEFAULT_VOICES, seed=seed)
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from None
+    print(f"{out}/manifest.jsonl: {s['out']} of {s['in']} spoken ({s['hours'] * 60:.1f} min, voices {', '.join(s['voices'])}), {s['rejected']} rejected")
+    return 0
+
+
+@verb("data encode")
+def data_encode(*, data: str, out: str, encoder: str, batch_size: Count = 16, max_seconds: Positive | None = None) -> int:
+    """Pre-encode a manifest's audio with a frozen encoder (or an audio tokenizer) into OUT.
+
+    ENCODER is an encoder spec (bundled:whisper-tiny.en, facebook/hubert-base-ls960, a folder), a
+    trained earful model folder (its encoder), or an earful audio tokenizer folder (token ids).
+    Objects are content-addressed (audio bytes + encoder identity): a rerun skips what is done.
+    Under `torchrun --nproc_per_node N -m earful data encode ...` the ranks split the batches.
+    Clips longer than the encoder takes whole (Whisper: 30 s) are rejected, never cut.
+    Writes OUT/index.jsonl, OUT/rejects.jsonl, OUT/summary.json.
+
+    Args:
+        data: manifest to encode
+        out: store folder (objects/, index.jsonl, rejects.jsonl, summary.json)
+        encoder: encoder spec, trained model folder, or audio tokenizer folder
+        max_seconds: longer clips are rejected (default 600, and never more than the encoder takes
+            whole: 30 s for Whisper)
+    """
+    from ..audio import DEFAULT_MAX_SECONDS
+    from ..data.shards import encode_manifest
+
+    s = encode_manifest(data, out, encoder, batch_size=batch_size, max_seconds=DEFAULT_MAX_SECONDS if max_seconds is None else max_seconds)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{out}: {s['in']} in = {s['out']} encoded ({s['encoded']} now, {s['already_done']} already done) + "
+              f"{s['rejected']} rejected; {s['audio_hours'] * 60:.1f} min of audio, {s['encoded_audio_hours_per_hour']} audio-h/h")
+    return 0

@@ -1,0 +1,117 @@
+"""`earful eval ...`: scored reports (ASR, spoken-LM pairs, units ASR, generated speech)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from ._parser import Arg, Count, UsageError, verb
+from ._shared import check_prompt, load_clips, load_unit_lm
+
+
+@verb("eval asr")
+def eval_asr(*, model: str, data: str, out: str, batch_size: Count = 16, prompt: str | None = None, limit: Count | None = None) -> None:
+    """Transcribe a manifest and write corpus WER/CER (Whisper-normalised) to a JSON report.
+
+    Clips that cannot be read, or are too long or too short for the model's encoder (Whisper: 30 s
+    at most), are listed under "rejects" with the reason; the rest are scored.
+
+    Args:
+        model: trained model folder
+        data: manifest with transcripts
+        out: JSON report to write
+        prompt: user turn holding <|audio|> (default: the training prompt)
+        limit: score only the first N utterances
+    """
+    from ..data.manifest import read_manifest
+    from ..eval.asr import evaluate_asr, write_report
+    from ..models.build import load_speech_lm
+
+    check_prompt(prompt)
+    utts = read_manifest(data)
+    utts = utts if limit is None else utts[:limit]
+    lm, processor = load_speech_lm(model)
+    report = evaluate_asr(lm, processor, utts, prompt=prompt or processor.prompt_format.default_prompt, batch_size=batch_size)
+    report = {"model": str(model), "data": str(data), **report}
+    write_report(report, out)
+    print(f"WER {report['wer']:.4f}  CER {report['cer']:.4f}  accuracy {report['accuracy']:.4f}  "
+          f"on {report['n']} utterances ({report['rejected']} rejected) -> {out}")
+
+
+@verb("eval pairs")
+def eval_pairs(*, model: str, data: str, out: str, score: Literal["sum", "mean"] = "sum", batch_size: Count = 16) -> None:
+    """Spoken-LM pairs (sBLIMP/sWUGGY/sStoryCloze style): does the model prefer the correct clip?
+
+    DATA is JSON Lines of {"correct": wav, "wrong": wav, "group": ..}; each pair scores 1 / 0.5 / 0
+    for a win / tie / loss by summed (or --score mean) log-likelihood of its sound tokens.
+
+    Args:
+        model: trained units LM folder
+        data: pairs file (JSON Lines: correct, wrong, group)
+        out: JSON report to write
+        score: summed or mean token log-likelihood
+    """
+    from ..eval.asr import write_report
+    from ..eval.pairs import evaluate_pairs, read_pairs
+
+    pairs = read_pairs(data)
+    lm = load_unit_lm(model)
+    report = {"model": str(model), "data": str(data), **evaluate_pairs(lm, pairs, score, batch_size)}
+    write_report(report, out)
+    groups = "  ".join(f"{g} {r['accuracy']:.3f} (n={r['n']})" for g, r in report["groups"].items())
+    print(f"accuracy {report['accuracy']:.3f} on {report['n']} pairs ({report['ties']} ties)  {groups} -> {out}")
+
+
+@verb("eval units-asr")
+def eval_units_asr(*, model: str, data: str, out: str, batch_size: Count = 16, limit: Count | None = None) -> None:
+    """Transcribe a manifest with a units LM trained on the ASR format; WER/CER to a JSON report.
+
+    Args:
+        model: units LM trained on the asr format
+        data: manifest with transcripts
+        out: JSON report to write
+        limit: score only the first N utterances
+    """
+    from ..data.manifest import read_manifest
+    from ..eval.asr import write_report
+    from ..eval.units_asr import evaluate_units_asr
+    from ..train.units import tokenize_audio
+
+    utts = read_manifest(data)
+    utts = utts if limit is None else utts[:limit]
+    lm = load_unit_lm(model)
+    if lm.audio_tokenizer is None:
+        raise UsageError(f"{model}: saved without an audio tokenizer (audio_tokenizer/), so it cannot read audio")
+    report = {"model": str(model), "data": str(data), **evaluate_units_asr(lm, utts, tokenize_audio(lm.audio_tokenizer, utts), batch_size)}
+    write_report(report, out)
+    print(f"WER {report['wer']:.4f}  CER {report['cer']:.4f}  accuracy {report['accuracy']:.4f} on {report['n']} utterances -> {out}")
+
+
+@verb("eval genppl")
+def eval_genppl(files: Annotated[list[str], Arg(metavar="FILE")], *, out: str, asr: str = "bundled:whisper-tiny.en",
+                lm: str = "bundled:smollm2-135m-instruct") -> int:
+    """GenPPL and Auto-BLEU-2 of generated speech: transcribe FILEs, score the text with a text LM.
+
+    Args:
+        out: JSON report to write
+        asr: Whisper model spec that transcribes
+        lm: text LM spec that scores the transcripts
+    """
+    from transformers import AutoConfig, AutoFeatureExtractor
+
+    from ..eval.asr import write_report
+    from ..eval.generation import auto_bleu, corpus_auto_bleu, gen_ppl, transcribe_whisper
+    from ..pretrained import resolve
+
+    # The ASR model's own limits (Whisper: 30 s): a longer clip would be scored on its first 30 s.
+    folder = resolve(asr)
+    waves, names, failures = load_clips(files, front=(AutoFeatureExtractor.from_pretrained(folder), AutoConfig.from_pretrained(folder)))
+    if not waves:
+        return 1
+    texts = transcribe_whisper(waves, asr)
+    ppl = gen_ppl(texts, lm)
+    report = {"genppl": ppl["genppl"], "auto_bleu2": corpus_auto_bleu(texts, 2), "n": len(texts), "asr": asr, "lm": lm,
+              "generations": [{"audio": n, "transcript": t, "ppl": p, "auto_bleu2": auto_bleu(t.split(), 2)}
+                              for n, t, p in zip(names, texts, ppl["per_text"])]}
+    write_report(report, out)
+    print(f"GenPPL {report['genppl']}  Auto-BLEU-2 {report['auto_bleu2']}  on {len(texts)} clips -> {out}")
+    return 1 if failures else 0
