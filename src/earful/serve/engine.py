@@ -39,6 +39,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..audio import DEFAULT_MAX_SECONDS, audio_duration, decode_audio_bytes, load_audio, resample
+from ..models.configuration import place_audio
 from ..models.processing import clip_features, pad_features
 from ..errors import EarfulError
 
@@ -456,10 +457,8 @@ class SpeechLM:
         prompt = prompt or self.processor.prompt_format.default_prompt
         if audio is None:
             return [{"role": "user", "content": prompt}]
-        before, found, after = prompt.partition(self.audio_token)
-        audio = {"audio": audio}
-        parts = [before, audio, after] if found else [audio, prompt]
-        return [{"role": "user", "content": parts}]
+        before, _, after = place_audio(prompt, self.audio_token).partition(self.audio_token)
+        return [{"role": "user", "content": [before, {"audio": audio}, after]}]
 
     # -- answers ---------------------------------------------------------------------------------
     def submit(self, messages: list[dict], options: DecodingOptions | None = None, stream: bool = False) -> tuple[Future, AnswerStream | None]:

@@ -22,6 +22,7 @@ from ..audio import load_audio
 from ..data.dataset import usable_utterances
 from ..data.manifest import Utterance, read_manifest
 from ..data.sequences import IGNORE, TokenSequence, aligned, asr, interleaved, speech, tts, words_of
+from ..models.processing import pad_ids
 from ..models.vocab import UnitLM, build_unit_lm, save_unit_lm
 from ..tokenizers import load_audio_tokenizer
 from ..tokenizers.unit_lm import load_unit_lm
@@ -71,14 +72,8 @@ def build_sequences(lm: UnitLM, utterances: list[Utterance], units: list[list[in
 
 def pad_batch(seqs: list[TokenSequence], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded `input_ids`, `attention_mask`, `labels` (B, L)."""
-    B, L = len(seqs), max(len(s) for s in seqs)
-    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, L), dtype=torch.long)
-    labels = torch.full((B, L), IGNORE, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        input_ids[i, : len(s)] = torch.tensor(s.input_ids)
-        attention_mask[i, : len(s)] = 1
-        labels[i, : len(s)] = torch.tensor(s.labels)
+    input_ids, attention_mask = pad_ids([s.input_ids for s in seqs], pad_id)
+    labels, _ = pad_ids([s.labels for s in seqs], IGNORE)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
