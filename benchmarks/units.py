@@ -26,12 +26,9 @@ CPU threads: torch runs with --threads (default 1: on a shared 2-core machine tw
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
-import platform
 import random
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -41,10 +38,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from reporting import footer, write_report  # noqa: E402
+
 from earful.audio import load_audio  # noqa: E402
 from earful.data.fsdd import default_fsdd_dir, fsdd_utterances  # noqa: E402
 from earful.data.manifest import write_manifest  # noqa: E402
-from earful.eval.asr import write_report  # noqa: E402
 from earful.eval.pairs import score_pairs  # noqa: E402
 from earful.eval.text_ability import regression, text_ability  # noqa: E402
 from earful.eval.units_asr import evaluate_units_asr  # noqa: E402
@@ -156,9 +154,6 @@ def main() -> None:
         return {k: v for k, v in report.items() if k != "pairs"}
 
     result = {
-        "command": "nice -n 10 .venv/bin/python benchmarks/units.py " + shlex.join(sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "torch_threads": args.threads, "torch": torch.__version__},
         "split": {"train_speakers": TRAIN_SPEAKERS, "heldout_speaker": HELDOUT, "train_clips": len(train_utts), "heldout_clips": len(held)},
         "tokenizer": {"encoder": tok.encoder_spec, "layer": tok.layer, "k": args.k, "dedup": tok.dedup, "frame_rate": tok.frame_rate,
                       "fit_seconds_including_feature_extraction": round(fit_seconds, 1),
@@ -180,8 +175,9 @@ def main() -> None:
             "accuracy": listening.get("accuracy"), "wer": listening.get("wer"),
             "source": "benchmarks/results/heldout_speaker.json (recipes/digits.yaml)"},
         "total_seconds": round(time.perf_counter() - run_start, 1),
+        **footer(run_start),
     }
-    write_report(result, args.out)
+    write_report(args.out, result)
     print(json.dumps({k: result[k] for k in ("tokenizer", "listening_lm_same_fold")}, indent=2))
     print(f"pairs: before {before['accuracy']:.3f}  after {after['accuracy']:.3f}  (chance 0.5, n={len(pairs)})")
     print(f"units ASR on {HELDOUT}: WER {asr['wer']:.3f}  accuracy {asr['accuracy']:.3f}")
