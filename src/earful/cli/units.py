@@ -62,7 +62,6 @@ def generate_cmd(*, model: str, audio: str, out: str, max_new_tokens: Count = 10
         greedy: greedy decoding instead of sampling
     """
     import json
-    from pathlib import Path
 
     from ..models.speech_generation import continue_speech
 
@@ -80,16 +79,16 @@ def generate_cmd(*, model: str, audio: str, out: str, max_new_tokens: Count = 10
         return 1
     result = continue_speech(lm, waves[0], max_new_tokens=max_new_tokens, do_sample=not greedy,
                              temperature=temperature, top_k=top_k, seed=seed)
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    from ..atomic import replacing
+
     if out.endswith(".json"):
-        tmp.write_text(json.dumps({"model": model, "audio": audio, "tokenizer": at.kind, "frame_rate": at.frame_rate,
-                                   "prompt_units": result.prompt_units, "continuation_units": result.continuation_units}) + "\n")
+        with replacing(out, "w") as f:
+            f.write(json.dumps({"model": model, "audio": audio, "tokenizer": at.kind, "frame_rate": at.frame_rate,
+                                "prompt_units": result.prompt_units, "continuation_units": result.continuation_units}) + "\n")
     else:
         import soundfile as sf
 
-        sf.write(str(tmp), at.decode(result.prompt_units + result.continuation_units), at.sampling_rate, subtype="PCM_16", format="WAV")
-    tmp.replace(path)
+        with replacing(out) as f:
+            sf.write(f, at.decode(result.prompt_units + result.continuation_units), at.sampling_rate, subtype="PCM_16", format="WAV")
     print(f"prompt {len(result.prompt_units)} tokens, continuation {len(result.continuation_units)} tokens -> {out}")
     return 0
