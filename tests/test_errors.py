@@ -91,6 +91,18 @@ def test_train_names_a_bad_audio_tokenizer_without_a_traceback(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'tok'}: not an audio tokenizer folder")
 
 
+def test_a_recipe_that_trains_nothing_is_one_line(fsdd, tmp_path):
+    """Found only once the model is built (what each part freezes), yet still a RecipeError: one line, exit 2."""
+    from earful.data.fsdd import fsdd_utterances
+    from earful.data.manifest import write_manifest
+
+    write_manifest(fsdd_utterances(fsdd, ["george"])[:2], tmp_path / "m.jsonl")
+    r = run_cli("train", DIGITS, "--out", tmp_path / "run", "--set", f"data.train={tmp_path / 'm.jsonl'}", "data.eval=null",
+                "model.lora=null", "model.freeze_projector=true")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == "error: every part is frozen: unfreeze the projector, encoder or decoder in the recipe"
+
+
 # Each verb with a bad number; no model or file is needed, since argparse refuses it first.
 BAD_OPTIONS = [
     (["transcribe", "--model", "M", "a.wav", "--batch-size", "-1"], "--batch-size", "must be >= 1, found -1"),

@@ -27,9 +27,15 @@ import numpy as np
 import torch
 
 from .. import atomic
+from ..errors import EarfulError
 from .parallel import barrier
 
 logger = logging.getLogger(__name__)
+
+
+class CheckpointError(EarfulError, ValueError):
+    """A checkpoint folder that cannot be resumed from (incomplete, or from another recipe)."""
+
 
 DIR = "checkpoints"
 LATEST = "latest"
@@ -75,7 +81,7 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
         return None
     path = pointer.parent / pointer.read_text().strip()
     if not (path / EXTRA).exists():
-        raise ValueError(f"{pointer}: names {path.name}, which is not a complete checkpoint")
+        raise CheckpointError(f"{pointer}: names {path.name}, which is not a complete checkpoint")
     return path
 
 
@@ -135,7 +141,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     saved = saved_parameter_names(path)
     if saved != set(model_state):
         differ = sorted(saved ^ set(model_state))
-        raise ValueError(f"{path}: its trained parameters differ from this recipe's ({len(differ)} names, e.g. {differ[:3]})")
+        raise CheckpointError(f"{path}: its trained parameters differ from this recipe's ({len(differ)} names, e.g. {differ[:3]})")
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],

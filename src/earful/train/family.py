@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .losses import TokenWeights, weighted_cross_entropy
+from .recipe import RecipeError
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def token_weights(weights: dict, special_ids: set, **sound) -> TokenWeights | No
 def check_trainable(model: nn.Module) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
-        raise ValueError("every part is frozen: unfreeze the projector, encoder or decoder in the recipe")
+        raise RecipeError("every part is frozen: unfreeze the projector, encoder or decoder in the recipe")
     logger.info("trainable parameters: %.2fM of %.1fM", sum(p.numel() for p in trainable) / 1e6,
                 sum(p.numel() for p in model.parameters()) / 1e6)
 

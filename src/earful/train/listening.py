@@ -30,6 +30,7 @@ from ..models.processing import PromptFormat, SpeechLMProcessor, check_audio_len
 from .family import Family, Parts, check_trainable, token_weights, warn_upcast
 from .preference import PreferenceBatcher
 from .recipe import Recipe
+from ..data.manifest import ManifestError
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ class Batcher:
         for i in idx:
             u = self.dataset.utterance(i)
             if not u.text:
-                raise ValueError(f"{u.audio}: distillation needs each clip's transcript (the manifest's text)")
+                raise ManifestError(f"{u.audio}: distillation needs each clip's transcript (the manifest's text)")
             prompt = prompt_of(u, self.dataset.default_prompt).replace(AUDIO_TOKEN, u.text)
             ids = self.processor.conversation_ids([{"role": "user", "content": prompt}], [])
             answer = self.processor.response_ids(response_of(u))

@@ -8,6 +8,8 @@ from functools import partial
 
 import torch
 
+from .recipe import RecipeError
+
 logger = logging.getLogger(__name__)
 
 
@@ -17,7 +19,7 @@ def make_optimizer(name: str, params: list, lr: float, weight_decay: float) -> t
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise RuntimeError("train.optimizer=adamw8bit needs bitsandbytes: pip install 'earful[lowmem]'") from None
+            raise RecipeError("train.optimizer=adamw8bit needs bitsandbytes: pip install 'earful[lowmem]'") from None
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 

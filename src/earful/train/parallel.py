@@ -21,6 +21,8 @@ import os
 
 import torch
 
+from ..errors import EarfulError
+
 logger = logging.getLogger(__name__)
 
 MODES = ("ddp", "fsdp")
@@ -88,7 +90,7 @@ def wrap(model: torch.nn.Module, loss_fn, mode: str, device: torch.device) -> to
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     blocks, names = transformer_blocks(model)
     if not blocks:
-        raise ValueError("train.parallel=fsdp: the model lists no transformer blocks (_no_split_modules) to shard")
+        raise EarfulError("train.parallel=fsdp: the model lists no transformer blocks (_no_split_modules) to shard")
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(runner, mesh=mesh)  # embeddings, projector, norms, output layer: one more group

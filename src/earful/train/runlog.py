@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import atomic
+from .recipe import RecipeError
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def wandb_run(recipe, out_dir: Path):
         import wandb
     except ImportError:
         if choice != "auto":
-            raise RuntimeError(f"train.wandb={choice} but wandb is not installed: pip install 'earful[track]'") from None
+            raise RecipeError(f"train.wandb={choice} but wandb is not installed: pip install 'earful[track]'") from None
         return None
     if choice == "auto" and not any(os.environ.get(k) for k in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT")):
         return None

@@ -40,6 +40,7 @@ from .preference import dpo_loss, evaluate_dpo
 from .recipe import Recipe
 from .runlog import RunLog, record_rejects
 from .units import units_parts
+from .recipe import RecipeError
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but CUDA is not available here; use auto or cpu")
+        raise RecipeError(f"train.device={name} but CUDA is not available here; use auto or cpu")
     return device
 
 
@@ -107,7 +108,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False, *, hooks: H
         record_rejects(out_dir, parts.rejects)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if world > 1 and t.distill_weight:
-        raise ValueError("train.distill_weight runs on one process here (DDP and FSDP cover sft and dpo)")
+        raise RecipeError("train.distill_weight runs on one process here (DDP and FSDP cover sft and dpo)")
     gate = TextGate.start(recipe, parts, hooks, out_dir, resume) if main_rank else None  # the LLM's text-only scores before
     samples = _sampler(t, parts, hooks) if main_rank and not fsdp else None  # under FSDP the model is in shards
 

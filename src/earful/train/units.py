@@ -29,6 +29,7 @@ from ..tokenizers.unit_lm import load_unit_lm
 from .family import Family, Parts, check_trainable, token_weights, warn_upcast
 from .preference import check_pairs, preference_batch, reference_logprobs
 from .recipe import Recipe
+from .recipe import RecipeError
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ def build_units_lm(recipe: Recipe) -> UnitLM:
     if m.init_from:
         lm = load_unit_lm(m.init_from)
         if lm.audio_tokenizer is None:
-            raise ValueError(f"{m.init_from}: a units LM without an audio tokenizer (audio_tokenizer/) cannot be trained on audio")
+            raise RecipeError(f"{m.init_from}: a units LM without an audio tokenizer (audio_tokenizer/) cannot be trained on audio")
         return lm
     warn_upcast("llm", m.llm)
     audio_tokenizer = load_audio_tokenizer(m.audio_tokenizer)
