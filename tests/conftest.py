@@ -31,8 +31,12 @@ ALLOWED_SKIP_REASONS = ("CUDA", "GPU", "model hub")
 _unexpected_skips: list[str] = []
 
 
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
 def _strict_skips() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes") and not os.environ.get("EARFUL_ALLOW_SKIPS")
+    return in_ci() and not os.environ.get("EARFUL_ALLOW_SKIPS")
 
 
 def pytest_runtest_logreport(report):
@@ -141,7 +145,7 @@ def digits_model(fsdd, smol_dir, whisper_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("digits")
     train, evals, out = work / "train.jsonl", work / "eval.jsonl", work / "model"
     # A developer's shortcut: a folder a previous session filled. Never in CI, which tests the training too.
-    reuse = None if os.environ.get("CI", "").lower() in ("1", "true", "yes") else os.environ.get("EARFUL_TEST_DIGITS_RUN")
+    reuse = None if in_ci() else os.environ.get("EARFUL_TEST_DIGITS_RUN")
     if reuse:
         reuse = Path(reuse)
         return reuse / "model", reuse / "train.jsonl", reuse / "eval.jsonl", subprocess.CompletedProcess([], 0, "", "")
