@@ -48,6 +48,32 @@ def data_prepare_tts_digits(out_dir: str, *, per_digit: Count = 20, seed: int = 
     print(f"wrote {manifest}")
 
 
+@verb("data prepare nonspeech")
+def data_prepare_nonspeech(out_dir: str, *, count: Count = 300, seed: int = 0, answer: str | None = None, rate: Count = 16000) -> None:
+    """Synthesise clips that hold no speech, to teach a listening LM to say so (its transcript is "").
+
+    Silence (digital zero, room tone), white/pink/brown noise, mains hum, clicks and typing, tones,
+    beeps and DTMF, chords and melodies, and mixtures of them, in turn; peaks -50..-3 dBFS, 0.3-2.5 s.
+    Writes OUT_DIR/audio/nonspeech_{kind}_{i}.wav (16-bit PCM) and OUT_DIR/manifest.jsonl. The
+    same --seed writes byte-identical files.
+
+    Args:
+        count: clips to write, spread evenly over the kinds (default 300)
+        seed: random seed (default 0)
+        answer: the reply to train on them (each clip's response), e.g. "I could not hear any speech."
+        rate: sampling rate in Hz (default 16000)
+    """
+    from ..data.nonspeech import make_nonspeech, summary
+
+    try:
+        rows = make_nonspeech(out_dir, count, seed=seed, sampling_rate=rate, answer=answer)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    s = summary(rows)
+    print(f"wrote {out_dir}/manifest.jsonl: {len(rows)} non-speech clips, {s['minutes']:.1f} min at {rate} Hz "
+          f"({', '.join(f'{k} {n}' for k, n in s['clips'].items())})" + (f"; answer {answer!r}" if answer is not None else ""))
+
+
 @verb("data prepare tts-storycloze")
 def data_prepare_tts_storycloze(out_dir: str, *, limit: Count | None = None) -> None:
     """Synthesise a small spoken StoryCloze-style set with the bundled Piper voice.
