@@ -33,7 +33,7 @@ def test_every_stage_and_verb_is_reachable_in_order():
     assert list(VERBS)[:3] == ["data prepare fsdd", "data prepare tts-digits", "data prepare tts-storycloze"]
     top = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert list(top.choices) == ["data", "train", "eval", "units", "generate", "transcribe", "chat", "serve"]
-    assert len(VERBS) == 17
+    assert len(VERBS) == 19
 
 
 @pytest.mark.parametrize("words", list(VERBS))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from typing import Annotated, Literal
 
@@ -87,6 +88,63 @@ def data_prepare_tts_storycloze(out_dir: str, *, limit: Count | None = None) -> 
     from ..data.storycloze import build_spoken_storycloze
 
     print(f"wrote {build_spoken_storycloze(out_dir, limit)}")
+
+
+def _ms_range(text: str) -> tuple[float, float]:
+    """An argparse type: LO,HI milliseconds with 0 <= LO <= HI (one number: LO = HI)."""
+    try:
+        lo, hi = (float(v) for v in (text.split(",") if "," in text else (text, text)))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI in milliseconds (e.g. 50,300), found {text!r}") from None
+    if not (0 <= lo <= hi < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected 0 <= LO <= HI milliseconds, found {text!r}")
+    return lo, hi
+
+
+MsRange = Annotated[tuple[float, float], Arg(_ms_range, metavar="LO,HI")]
+
+
+@verb("data prepare fsdd-strings")
+def data_prepare_fsdd_strings(folder: str, *, out: str, speakers: str | None = None, min: Count = 3, max: Count = 7,
+                              count: Count | None = None, seed: int = 0, gap_ms: MsRange = (50.0, 300.0),
+                              edge_ms: MsRange = (100.0, 250.0), audio_dir: str | None = None) -> None:
+    """Connected digit strings ("four one seven") from FSDD recordings, one speaker per string.
+
+    For each speaker separately, joins its recordings of random digits (--min to --max of them,
+    drawn uniformly, so repeats like "one one" occur at their natural rate) with random silences
+    between them and at both ends, never using one recording twice in a string where another of
+    that digit exists. Writes 16 kHz WAVs to --audio-dir (default: OUT's name + _audio/ beside it,
+    e.g. train.jsonl -> train_audio/SPEAKER_00000.wav) and the manifest OUT (id, audio, speaker,
+    text, duration, words: each digit's start/end, sources: the FSDD ids used). Seeded per
+    speaker: the same settings write the same files.
+
+    Args:
+        folder: folder of recordings (or its parent holding recordings/)
+        out: manifest to write (JSON Lines)
+        speakers: comma-separated speakers (default: every speaker in FOLDER)
+        min: fewest digits in a string (default 3)
+        max: most digits in a string (default 7)
+        count: strings per speaker (default: enough to use each recording about once)
+        seed: random seed (default 0)
+        gap_ms: silence between digits, drawn uniformly from LO,HI ms (default 50,300)
+        edge_ms: silence before the first and after the last digit, LO,HI ms (default 100,250)
+        audio_dir: folder for the WAVs (default: OUT's name + _audio/ beside OUT)
+    """
+    from ..data.digit_strings import prepare_digit_strings
+
+    wanted = [s.strip() for s in speakers.split(",") if s.strip()] if speakers else None
+    if speakers is not None and not wanted:
+        raise UsageError(f"--speakers: expected a comma-separated list of speakers, found {speakers!r}")
+    if min > max:
+        raise UsageError(f"--min {min} must be <= --max {max}")
+    try:
+        s = prepare_digit_strings(folder, out, wanted, min_digits=min, max_digits=max, count=count, seed=seed,
+                                  gap_ms=gap_ms, edge_ms=edge_ms, audio_dir=audio_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    print(f"wrote {out}: {s.strings} strings of {min}-{max} digits (mean {s.digits / s.strings:.1f}) from "
+          f"{len(s.speakers)} speaker(s) ({', '.join(s.speakers)}), {s.seconds / 60:.1f} min of 16 kHz audio in {s.audio_dir}; "
+          f"{s.with_repeat} strings hold a repeated digit" + (f", {s.reused} had to reuse a recording" if s.reused else ""))
 
 
 @verb("data ingest")

@@ -9,8 +9,9 @@ from ._shared import check_prompt, load_clips, load_unit_lm
 
 
 @verb("eval asr")
-def eval_asr(*, model: str, data: str, out: str, batch_size: Count = 16, prompt: str | None = None, limit: Count | None = None) -> None:
-    """Transcribe a manifest and write corpus WER/CER (Whisper-normalised) to a JSON report.
+def eval_asr(*, model: str, data: str, out: str, batch_size: Count = 16, prompt: str | None = None, limit: Count | None = None,
+             normalize: Literal["whisper", "digits"] = "whisper") -> None:
+    """Transcribe a manifest and write corpus WER/CER (both sides normalised first) to a JSON report.
 
     Clips that cannot be read, or are too long or too short for the model's encoder (Whisper: 30 s
     at most), are listed under "rejects" with the reason; the rest are scored.
@@ -21,6 +22,8 @@ def eval_asr(*, model: str, data: str, out: str, batch_size: Count = 16, prompt:
         out: JSON report to write
         prompt: user turn holding <|audio|> (default: the training prompt)
         limit: score only the first N utterances
+        normalize: whisper (Whisper's English normaliser: "four one seven" -> "417", one word) or
+            digits (each digit its own word: "417" -> "four one seven", for digit strings)
     """
     from ..data.manifest import read_manifest
     from ..eval.asr import evaluate_asr, write_report
@@ -30,7 +33,8 @@ def eval_asr(*, model: str, data: str, out: str, batch_size: Count = 16, prompt:
     utts = read_manifest(data)
     utts = utts if limit is None else utts[:limit]
     lm, processor = load_speech_lm(model)
-    report = evaluate_asr(lm, processor, utts, prompt=prompt or processor.prompt_format.default_prompt, batch_size=batch_size)
+    report = evaluate_asr(lm, processor, utts, prompt=prompt or processor.prompt_format.default_prompt, batch_size=batch_size,
+                          normalizer=normalize)
     report = {"model": str(model), "data": str(data), **report}
     write_report(report, out)
     print(f"WER {report['wer']:.4f}  CER {report['cer']:.4f}  accuracy {report['accuracy']:.4f}  "
