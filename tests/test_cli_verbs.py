@@ -30,7 +30,8 @@ def _own_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 
 
 def test_every_stage_and_verb_is_reachable_in_order():
-    assert list(VERBS)[:3] == ["data prepare fsdd", "data prepare tts-digits", "data prepare tts-storycloze"]
+    assert list(VERBS)[:5] == ["data prepare fsdd", "data prepare fsdd-strings", "data prepare tts-digits",
+                               "data prepare tts-storycloze", "data prepare nonspeech"]
     top = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert list(top.choices) == ["data", "train", "eval", "units", "generate", "transcribe", "chat", "serve"]
     assert len(VERBS) == 19

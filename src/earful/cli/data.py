@@ -33,63 +33,6 @@ def data_prepare_fsdd(folder: str, *, out: str, speakers: str | None = None) -> 
     print(f"wrote {out}: {n} utterances, {len({r.speaker for r in rows})} speakers, {hours * 60:.1f} min of audio")
 
 
-@verb("data prepare tts-digits")
-def data_prepare_tts_digits(out_dir: str, *, per_digit: Count = 20, seed: int = 0) -> None:
-    """Synthesise spoken digits with the bundled Piper voice (for machines without FSDD).
-
-    Writes OUT_DIR/recordings/{digit}_piper{v}_{i}.wav at varied speed and noise (v names the
-    setting, as a pseudo-speaker) and OUT_DIR/manifest.jsonl.
-
-    Args:
-        per_digit: clips per digit (default 20)
-    """
-    from ..data.tts_digits import synthesise_digits
-
-    manifest = synthesise_digits(out_dir, per_digit=per_digit, seed=seed)
-    print(f"wrote {manifest}")
-
-
-@verb("data prepare nonspeech")
-def data_prepare_nonspeech(out_dir: str, *, count: Count = 300, seed: int = 0, answer: str | None = None, rate: Count = 16000) -> None:
-    """Synthesise clips that hold no speech, to teach a listening LM to say so (its transcript is "").
-
-    Silence (digital zero, room tone), white/pink/brown noise, mains hum, clicks and typing, tones,
-    beeps and DTMF, chords and melodies, and mixtures of them, in turn; peaks -50..-3 dBFS, 0.3-2.5 s.
-    Writes OUT_DIR/audio/nonspeech_{kind}_{i}.wav (16-bit PCM) and OUT_DIR/manifest.jsonl. The
-    same --seed writes byte-identical files.
-
-    Args:
-        count: clips to write, spread evenly over the kinds (default 300)
-        seed: random seed (default 0)
-        answer: the reply to train on them (each clip's response), e.g. "I could not hear any speech."
-        rate: sampling rate in Hz (default 16000)
-    """
-    from ..data.nonspeech import make_nonspeech, summary
-
-    try:
-        rows = make_nonspeech(out_dir, count, seed=seed, sampling_rate=rate, answer=answer)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    s = summary(rows)
-    print(f"wrote {out_dir}/manifest.jsonl: {len(rows)} non-speech clips, {s['minutes']:.1f} min at {rate} Hz "
-          f"({', '.join(f'{k} {n}' for k, n in s['clips'].items())})" + (f"; answer {answer!r}" if answer is not None else ""))
-
-
-@verb("data prepare tts-storycloze")
-def data_prepare_tts_storycloze(out_dir: str, *, limit: Count | None = None) -> None:
-    """Synthesise a small spoken StoryCloze-style set with the bundled Piper voice.
-
-    Writes OUT_DIR/audio/*.wav and OUT_DIR/pairs.jsonl: per story an sStoryCloze pair (right vs.
-    contradicting ending) and a tStoryCloze pair (right vs. another story's ending), for `eval pairs`.
-
-    Args:
-        limit: only the first N stories
-    """
-    from ..data.storycloze import build_spoken_storycloze
-
-    print(f"wrote {build_spoken_storycloze(out_dir, limit)}")
-
-
 def _ms_range(text: str) -> tuple[float, float]:
     """An argparse type: LO,HI milliseconds with 0 <= LO <= HI (one number: LO = HI)."""
     try:
@@ -145,6 +88,66 @@ def data_prepare_fsdd_strings(folder: str, *, out: str, speakers: str | None = N
     print(f"wrote {out}: {s.strings} strings of {min}-{max} digits (mean {s.digits / s.strings:.1f}) from "
           f"{len(s.speakers)} speaker(s) ({', '.join(s.speakers)}), {s.seconds / 60:.1f} min of 16 kHz audio in {s.audio_dir}; "
           f"{s.with_repeat} strings hold a repeated digit" + (f", {s.reused} had to reuse a recording" if s.reused else ""))
+
+
+@verb("data prepare tts-digits")
+def data_prepare_tts_digits(out_dir: str, *, per_digit: Count = 20, seed: int = 0, voices: Literal["piper", "many"] = "piper") -> None:
+    """Synthesise spoken digits offline (for machines without FSDD, or more voices beside it).
+
+    Writes OUT_DIR/recordings/{digit}_{voice}_{i}.wav and OUT_DIR/manifest.jsonl. `piper`: the
+    bundled Piper voice at varied speed and noise (piper{v} names the speed, as a pseudo-speaker);
+    `many`: half Piper, half espeak-ng's accents and voice variants (male, female, old, young) at
+    random rate and pitch.
+
+    Args:
+        per_digit: clips per digit (default 20)
+        voices: piper (one neural voice) or many (plus espeak-ng's voices)
+    """
+    from ..data.tts_digits import synthesise_digits
+
+    manifest = synthesise_digits(out_dir, per_digit=per_digit, seed=seed, voices=voices)
+    print(f"wrote {manifest}")
+
+
+@verb("data prepare tts-storycloze")
+def data_prepare_tts_storycloze(out_dir: str, *, limit: Count | None = None) -> None:
+    """Synthesise a small spoken StoryCloze-style set with the bundled Piper voice.
+
+    Writes OUT_DIR/audio/*.wav and OUT_DIR/pairs.jsonl: per story an sStoryCloze pair (right vs.
+    contradicting ending) and a tStoryCloze pair (right vs. another story's ending), for `eval pairs`.
+
+    Args:
+        limit: only the first N stories
+    """
+    from ..data.storycloze import build_spoken_storycloze
+
+    print(f"wrote {build_spoken_storycloze(out_dir, limit)}")
+
+
+@verb("data prepare nonspeech")
+def data_prepare_nonspeech(out_dir: str, *, count: Count = 300, seed: int = 0, answer: str | None = None, rate: Count = 16000) -> None:
+    """Synthesise clips that hold no speech, to teach a listening LM to say so (its transcript is "").
+
+    Silence (digital zero, room tone), white/pink/brown noise, mains hum, clicks and typing, tones,
+    beeps and DTMF, chords and melodies, and mixtures of them, in turn; peaks -50..-3 dBFS, 0.3-2.5 s.
+    Writes OUT_DIR/audio/nonspeech_{kind}_{i}.wav (16-bit PCM) and OUT_DIR/manifest.jsonl. The
+    same --seed writes byte-identical files.
+
+    Args:
+        count: clips to write, spread evenly over the kinds (default 300)
+        seed: random seed (default 0)
+        answer: the reply to train on them (each clip's response), e.g. "I could not hear any speech."
+        rate: sampling rate in Hz (default 16000)
+    """
+    from ..data.nonspeech import make_nonspeech, summary
+
+    try:
+        rows = make_nonspeech(out_dir, count, seed=seed, sampling_rate=rate, answer=answer)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    s = summary(rows)
+    print(f"wrote {out_dir}/manifest.jsonl: {len(rows)} non-speech clips, {s['minutes']:.1f} min at {rate} Hz "
+          f"({', '.join(f'{k} {n}' for k, n in s['clips'].items())})" + (f"; answer {answer!r}" if answer is not None else ""))
 
 
 @verb("data ingest")
