@@ -6,6 +6,7 @@ import logging
 import random
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -76,9 +77,13 @@ class SpeechDataset(torch.utils.data.Dataset):
     def utterance(self, i: int) -> Utterance:
         return self.utterances[i % len(self.utterances)]
 
+    def clip(self, j: int) -> np.ndarray:
+        """Utterance j's audio as recorded (no speed change): e.g. a talker for babble noise (data.augment)."""
+        return load_audio(self.utterances[j].audio, self.sampling_rate, max_seconds=self.max_seconds)
+
     def __getitem__(self, i: int) -> dict:
         u, speed = self.utterance(i), self.speeds[i // len(self.utterances)]
-        audio = load_audio(u.audio, self.sampling_rate, max_seconds=self.max_seconds)
+        audio = self.clip(i % len(self.utterances))
         if speed != 1.0:
             # Played `speed` times faster: the same samples read as if recorded at rate * speed.
             audio = resample(audio, round(self.sampling_rate * speed), self.sampling_rate)

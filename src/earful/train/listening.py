@@ -7,6 +7,14 @@ before the first step, and reused every epoch (SlamKit's lesson: never pay twice
 stage); with a frozen LLM, the prompt prefix every row shares is run once (`PrefixCache`). The
 model file (models/listening.py) holds no training code: the loss path, the prefix cache and
 freezing are here.
+
+`data.augment` (earful.data.augment) changes training audio only, never eval audio. When the
+encoder runs every step, each epoch draws every clip's augmentation afresh, and SpecAugment masks
+its log-mel input. When its outputs are cached, the cache must not freeze one draw for the whole
+run: `data.augment.copies: K` renders K augmented copies of each clip, encoded once, and epoch e
+hears one of them (each clip walks its copies in turn, so K epochs hear all K); SpecAugment then
+masks the cached encoder frames (time frames, and channels in the share freq_width is of the mel
+bins), drawn afresh each epoch.
 """
 
 from __future__ import annotations
@@ -18,9 +26,12 @@ from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..audio import AudioError
+from ..data.augment import Augmenter, parse_augment
 from ..data.dataset import SpeechDataset, length_grouped_batches, prompt_of, response_of, usable_utterances
 from ..data.manifest import read_manifest
 from ..models.build import build_speech_lm, load_speech_lm, save_speech_lm
@@ -29,7 +40,7 @@ from ..models.listening import SpeechLMForConditionalGeneration
 from ..models.processing import PromptFormat, SpeechLMProcessor, check_audio_length
 from .family import Family, Parts, check_trainable, token_weights, warn_upcast
 from .preference import PreferenceBatcher
-from .recipe import Recipe
+from .recipe import Recipe, RecipeError
 from ..data.manifest import ManifestError
 
 logger = logging.getLogger(__name__)
@@ -185,14 +196,19 @@ class Batcher:
     """Turns utterance indices into model inputs, through the encoder cache when there is one.
 
     With `teacher` (train.distill_weight), each batch also holds under "teacher" the same turns as
-    text for the text-only LLM (`teacher_batch`).
+    text for the text-only LLM (`teacher_batch`). With `augment` (training only), clips are
+    augmented as drawn for `epoch`, which the training loop sets; with a cache, each clip is
+    cached as `augment.spec.copies` augmented copies (key: (clip, copy)).
     """
 
     def __init__(self, dataset: SpeechDataset, processor: SpeechLMProcessor, model: SpeechLMForConditionalGeneration,
-                 device: torch.device, cache: bool, teacher: bool = False):
+                 device: torch.device, cache: bool, teacher: bool = False, augment: Augmenter | None = None):
         self.dataset, self.processor, self.model, self.device = dataset, processor, model, device
-        self.cache: dict[int, torch.Tensor] | None = {} if cache else None
+        self.cache: dict[tuple[int, int], torch.Tensor] | None = {} if cache else None
         self.teacher = teacher
+        self.augment = augment
+        self.copies = (augment.spec.copies or 1) if cache and augment is not None and augment.on_waves else 1
+        self.epoch = 0  # set by the training loop: data.augment draws anew each epoch
 
     @torch.no_grad()
     def fill_cache(self, batch_size: int, desc: str, store: str | None = None) -> None:
@@ -200,28 +216,55 @@ class Batcher:
 
         With `store` (a folder `earful data encode` filled), clips this encoder already encoded
         there are read instead; the rest (other clips, speed-perturbed copies) are encoded here.
+        Augmented copies (data.augment.copies) are never in a store: they are all encoded here.
         """
-        todo = list(range(len(self.dataset)))
-        if store:
+        todo = [(i, k) for k in range(self.copies) for i in range(len(self.dataset))]
+        if store and self.copies > 1:
+            logger.info("%s: data.augment renders %d augmented copies of each clip, which %s does not hold: all are encoded here",
+                        desc, self.copies, store)
+        elif store:
             from ..data.shards import encoder_identity, find_objects
 
             n = len(self.dataset.utterances)
             found = find_objects(store, encoder_identity(self.model.audio_tower, self.model.config.encoder_config),
                                  [self.dataset.utterance(i).audio for i in range(n)] if self.dataset.speeds[0] == 1.0 else [])
             for i, tensor in found.items():
-                self.cache[i] = tensor
-            todo = [i for i in todo if i not in found]
+                self.cache[i, 0] = tensor
+            todo = [key for key in todo if key[0] not in found]
             logger.info("%s: %d of %d clips read from %s, %d to encode", desc, len(found), len(self.dataset), store, len(todo))
         lengths = self.dataset.lengths()
-        order = length_grouped_batches([lengths[i] for i in todo], batch_size, seed=0, shuffle=False)
+        order = length_grouped_batches([lengths[i] for i, _ in todo], batch_size, seed=0, shuffle=False)
         order = [[todo[j] for j in b] for b in order]
         self.model.audio_tower.eval()
-        for idx in tqdm(order, desc=desc, unit="batch", leave=False):
-            items = [self.dataset[i] for i in idx]
-            feats = self.processor.featurize([it["audio"] for it in items])
+        for keys in tqdm(order, desc=desc, unit="batch", leave=False):
+            feats = self.processor.featurize([self._wave(i, k) for i, k in keys])  # copy k's augmentation
             hidden, mask = self.model.encode_audio(feats["input_features"].to(self.device), feats["input_features_mask"].to(self.device))
-            for j, i in enumerate(idx):
-                self.cache[i] = hidden[j, : int(mask[j].sum())].to("cpu", torch.float32).clone()
+            for j, key in enumerate(keys):
+                self.cache[key] = hidden[j, : int(mask[j].sum())].to("cpu", torch.float32).clone()
+
+    def _wave(self, i: int, draw: int) -> np.ndarray:
+        """Clip i's audio, augmented as drawn in `draw` (the epoch, or the copy) when wave augmentation is on."""
+        audio = self.dataset[i]["audio"]
+        return self.augment(audio, i, draw) if self.augment is not None and self.augment.on_waves else audio
+
+    def _features(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        """The clips' encoder input, SpecAugment-masked for this epoch when the recipe asks for it."""
+        feats = self.processor.featurize([self._wave(i, self.epoch) for i in idx])
+        if self.augment is not None and self.augment.spec.masks:
+            rows = zip(feats["input_features"], feats["input_features_mask"].sum(-1).tolist(), idx)
+            feats["input_features"] = torch.stack([self.augment.mask(f, i, self.epoch, time_axis=-1, n_valid=n) for f, n, i in rows])
+        return feats
+
+    def _cached(self, i: int) -> torch.Tensor:
+        """Clip i's cached encoder frames (T', C) this epoch: its copy for the epoch, SpecAugment-masked when asked."""
+        if self.augment is None:
+            return self.cache[i, 0]
+        h = self.cache[i, self.augment.copy_of(i, self.epoch) if self.copies > 1 else 0]
+        if self.augment.spec.masks:
+            mels = getattr(self.processor.feature_extractor, "feature_size", 80) or 80
+            width = max(1, round(self.augment.spec.masks.freq_width / mels * h.shape[1]))  # the same share of channels
+            h = self.augment.mask(h, i, self.epoch, time_axis=0, n_valid=h.shape[0], freq_width=width)
+        return h
 
     def lengths(self) -> list[float]:
         return self.dataset.lengths()
@@ -249,9 +292,9 @@ class Batcher:
         prompts = [prompt_of(u, self.dataset.default_prompt) for u in utts]
         responses = responses if responses is not None else [response_of(u) for u in utts]
         if self.cache is None:
-            batch = self.processor([self.dataset[i]["audio"] for i in idx], prompts, responses)
+            batch = self.processor(prompts=prompts, responses=responses, audio_features=self._features(idx))
         else:
-            hs = [self.cache[i] for i in idx]
+            hs = [self._cached(i) for i in idx]
             T = max(h.shape[0] for h in hs)
             hidden = torch.zeros(len(hs), T, hs[0].shape[1])  # (B, T', C)
             mask = torch.zeros(len(hs), T, dtype=torch.bool)  # (B, T')
@@ -310,7 +353,8 @@ def listening_parts(recipe: Recipe, device: torch.device) -> Parts:
         eval_utts, eval_rejects = usable_utterances(read_manifest(d.eval), sr, d.max_seconds, d.eval, fits)
         eval_set, rejects = SpeechDataset(eval_utts, sr, d.prompt, d.max_seconds), rejects + eval_rejects
     cache = _encoder_fixed(recipe)
-    train_batches = Batcher(train_set, processor, model, device, cache, teacher=bool(t.distill_weight))
+    augment = _augmenter(recipe, train_set, model, fits)
+    train_batches = Batcher(train_set, processor, model, device, cache, teacher=bool(t.distill_weight), augment=augment)
     eval_batches = Batcher(eval_set, processor, model, device, cache) if eval_set else None
     if cache:
         start = time.perf_counter()
@@ -326,6 +370,37 @@ def listening_parts(recipe: Recipe, device: torch.device) -> Parts:
                  text_model=lambda m: (m.language_model, processor.tokenizer),
                  samples=(lambda n, generate: _samples(family, model, processor, eval_set, n, generate)) if eval_set else None,
                  rejects=rejects)
+
+
+def _augmenter(recipe: Recipe, dataset: SpeechDataset, model, fits) -> Augmenter | None:
+    """data.augment for the training set (None when it asks for nothing); `fits(n, name)` is the
+    encoder's length check, so a speed change never makes a clip the encoder cannot take."""
+    spec, problems = parse_augment(recipe.data.augment)
+    if problems:  # build_recipe reports them; a Recipe made in code may not have gone through it
+        raise RecipeError("; ".join(problems))
+    if not spec.active:
+        return None
+    kind = model.config.encoder_config.model_type
+    if spec.masks and not _encoder_fixed(recipe) and kind != "whisper":
+        raise RecipeError(f"data.augment.specaugment: masks log-mel features, and a {kind} encoder reads raw samples; "
+                          "drop specaugment, or freeze the encoder whole (SpecAugment then masks its cached frames)")
+    if spec.copies and not _encoder_fixed(recipe):
+        logger.warning("data.augment.copies: %d -> unused, because the encoder runs every step (model.lora=%s, "
+                       "model.freeze_encoder=%s): each epoch draws every clip's augmentation afresh",
+                       spec.copies, recipe.model.lora, recipe.model.freeze_encoder)
+
+    def length_ok(n: int) -> bool:
+        try:
+            fits(n, "<augmented clip>")
+        except AudioError:
+            return False
+        return True
+
+    aug = Augmenter(spec, dataset.sampling_rate, recipe.train.seed, clips=dataset.clip, n_clips=len(dataset.utterances),
+                    length_ok=length_ok)
+    logger.info("data.augment (training clips only): %s%s", ", ".join([*spec.waves, *(["specaugment"] if spec.masks else [])]),
+                f"; {aug.spec.copies} copies per clip, encoded once" if _encoder_fixed(recipe) and spec.waves else "")
+    return aug
 
 
 @torch.no_grad()

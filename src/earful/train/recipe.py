@@ -55,6 +55,7 @@ class DataRecipe:
     max_seconds: float = 30.0  # longer clips are refused (Whisper's window)
     speed_perturb: list = field(default_factory=lambda: [1.0])  # speed-perturbed copies, e.g. [0.9, 1.0, 1.1]
     encoded: str | None = None  # a store `earful data encode` filled: a frozen encoder's outputs are read from it
+    augment: dict | None = field(default_factory=dict)  # training audio's augmentations, each with its p (earful.data.augment); {}: none
     format: str = "speech"  # units: speech | asr | tts | interleaved | aligned (earful.data.sequences)
     text_delay: float = 0.0  # units, aligned: seconds a word's text follows its speech (< 0: text first)
     max_span_words: int = 3  # units, interleaved: longest run of words in one modality
@@ -168,6 +169,7 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
     problems += _value_problems(recipe)
     if not recipe.data.speed_perturb or not all(isinstance(v, (int, float)) and 0.5 <= v <= 2.0 for v in recipe.data.speed_perturb):
         problems.append(f"data.speed_perturb: expected a list of speeds in [0.5, 2], found {recipe.data.speed_perturb!r}")
+    problems += _augment_problems(recipe)
     if t.precision not in ("auto", "bf16", "fp32"):
         problems.append(f"train.precision: expected auto, bf16 or fp32, found {t.precision!r}")
     if recipe.data.train is None:
@@ -281,6 +283,31 @@ def _value_problems(recipe: Recipe) -> list[str]:
             problems.append(f"train.device: expected auto, cpu, cuda or cuda:N, found {device!r}")
         elif kind == "cuda" and not torch.cuda.is_available():
             problems.append(f"train.device: {device!r} but torch sees no CUDA device here; use auto or cpu")
+    return problems
+
+
+def _augment_problems(recipe: Recipe) -> list[str]:
+    """data.augment: each augmentation's keys and ranges (earful.data.augment.parse_augment), and
+    what it cannot be combined with here."""
+    from ..audio import find_ffmpeg
+    from ..data.augment import parse_augment
+
+    spec, problems = parse_augment(recipe.data.augment)
+    if problems or not spec.active:
+        return problems
+    m = recipe.model
+    if m.kind != "listening":
+        problems.append("data.augment: augmentation is for the listening family (a units LM reads its audio as tokens, made once)")
+    if recipe.train.objective == "dpo":
+        problems.append("data.augment: DPO's reference log-probs are computed once, on clean audio; augment with train.objective=sft")
+    cached = m.freeze_encoder and m.lora not in ("encoder", "both")
+    if cached and spec.waves and not spec.copies:
+        problems.append(f"data.augment: the frozen encoder's outputs are computed once and cached, so {', '.join(spec.waves)} would be "
+                        "drawn once for the whole run; set data.augment.copies: K (K augmented copies of each clip, encoded once, "
+                        "each epoch hears one), or let the encoder run every step (model.lora: encoder or model.freeze_encoder: false)")
+    if "codec" in spec.waves and find_ffmpeg() is None:
+        problems.append("data.augment.codec: MP3/Opus round trips need ffmpeg, which is not installed; "
+                        "pip install 'earful[ingest]' (imageio-ffmpeg ships the binary) or drop data.augment.codec")
     return problems
 
 

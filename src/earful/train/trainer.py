@@ -142,6 +142,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False, *, hooks: H
         loss_sum = 0.0
         for _ in range(t.grad_accum):
             epoch, b, idx = next(batches)
+            train_batches.epoch = epoch  # data.augment draws anew each epoch (train/listening.py Batcher)
             if runner is None:
                 batch = train_batches(idx)
                 with amp:
