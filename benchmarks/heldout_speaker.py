@@ -66,6 +66,11 @@ WHISPER_SPEC = "bundled:whisper-tiny.en"
 SAMPLING_RATE = 16000
 TARGET = {"accuracy": 0.99, "train_seconds": 600}
 MAX_ERRORS_KEPT = 30
+# Non-speech clips scored per fold for the recipe's no-speech answer (data.no_speech_answer); their
+# seed differs from any the recipe trains on. Targets: refuse >= 95 % of them, < 0.5 % of the speech.
+NONSPEECH_CLIPS = 200
+NONSPEECH_SEED = 1000
+REFUSAL_TARGET = {"refusal_rate": 0.95, "speech_refusal_rate": 0.005}
 DIGIT_GRAMMAR = (
     "#JSGF V1.0;\ngrammar digits;\n"
     "public <digit> = zero | one | two | three | four | five | six | seven | eight | nine;\n"
@@ -136,6 +141,7 @@ def run_earful(speaker: str, train_utts: list, test_utts: list, work: Path, extr
 
     model, processor = load_speech_lm(model_dir)
     report = evaluate_asr(model, processor, test_utts, prompt=recipe.data.prompt, batch_size=32)
+    refusal = score_refusal(model, processor, recipe, report, fold_dir) if recipe.data.no_speech_answer else None
     del model, processor
     gc.collect()
     if not keep:
@@ -147,7 +153,30 @@ def run_earful(speaker: str, train_utts: list, test_utts: list, work: Path, extr
     return {"accuracy": report["accuracy"], "wer": report["wer"], "cer": report["cer"], "n": report["n"],
             "train_seconds": summary["train_seconds"], "total_seconds": round(total_seconds, 2), "steps": summary["steps"],
             "final_loss": summary["final_loss"], "eval_seconds": report["seconds"], "rejected": report["rejected"],
-            "n_errors": len(errors), "errors": errors[:MAX_ERRORS_KEPT]}
+            "n_errors": len(errors), "errors": errors[:MAX_ERRORS_KEPT], "no_speech": refusal}
+
+
+def score_refusal(model, processor, recipe, speech_report: dict, fold_dir: Path) -> dict:
+    """How often the model gives the recipe's no-speech answer: on NONSPEECH_CLIPS generated clips
+    that hold no speech (seed NONSPEECH_SEED, never a training seed), and on the held-out speech."""
+    from earful.data.nonspeech import make_nonspeech, nonspeech_kind_of
+    from earful.eval.asr import generate_text, load_clip, normalize
+
+    answer = normalize(recipe.data.no_speech_answer)
+    clips = make_nonspeech(fold_dir / "no_speech_eval", NONSPEECH_CLIPS, seed=NONSPEECH_SEED)
+    waves = [load_clip(u.audio, processor.feature_extractor, processor.config.encoder_config) for u in clips]
+    hyps = []
+    for i in range(0, len(waves), 32):
+        hyps += generate_text(model, processor, waves[i : i + 32], recipe.data.prompt, max_new_tokens=32)
+    refused = [normalize(h) == answer for h in hyps]
+    kinds: dict[str, list[bool]] = {}
+    for u, r in zip(clips, refused):
+        kinds.setdefault(nonspeech_kind_of(u.id), []).append(r)
+    speech = [normalize(r["hypothesis"]) == answer for r in speech_report["utterances"]]
+    return {"answer": recipe.data.no_speech_answer, "clips": len(clips), "refusal_rate": sum(refused) / len(refused),
+            "refusal_rate_by_kind": {k: sum(v) / len(v) for k, v in sorted(kinds.items())},
+            "not_refused": [{"id": u.id, "hypothesis": h} for u, h, r in zip(clips, hyps, refused) if not r][:MAX_ERRORS_KEPT],
+            "speech_clips": len(speech), "speech_refusal_rate": sum(speech) / len(speech)}
 
 
 # -- peers -------------------------------------------------------------------------------------
@@ -226,6 +255,12 @@ def summarise(folds: list[dict], skip_peers: bool) -> dict:
         "beats_pocketsphinx_every_fold": not skip_peers and all(f["earful"]["accuracy"] > f["pocketsphinx_grammar"]["accuracy"] for f in folds),
         "train_seconds_every_fold": max_train <= TARGET["train_seconds"],
     }
+    refusals = [f["earful"]["no_speech"] for f in folds if f["earful"].get("no_speech")]
+    if refusals:
+        checks["refuses_non_speech_every_fold"] = len(refusals) == len(folds) and all(
+            r["refusal_rate"] >= REFUSAL_TARGET["refusal_rate"] for r in refusals)
+        checks["rarely_refuses_speech_every_fold"] = len(refusals) == len(folds) and all(
+            r["speech_refusal_rate"] < REFUSAL_TARGET["speech_refusal_rate"] for r in refusals)
     test = [f for f in folds if f["speaker"] not in DEVELOPMENT_SPEAKERS]
     headline = {"test_speakers": [f["speaker"] for f in test],
                 "development_speakers": {f["speaker"]: DEVELOPMENT_SPEAKERS[f["speaker"]] for f in folds if f["speaker"] in DEVELOPMENT_SPEAKERS}}
@@ -234,7 +269,9 @@ def summarise(folds: list[dict], skip_peers: bool) -> dict:
         headline["min_accuracy_earful"] = min(f["earful"]["accuracy"] for f in test)
     return {"headline": headline, "mean_accuracy": mean_accuracy, "min_accuracy_earful": min_acc, "max_train_seconds_earful": max_train,
             "max_total_seconds_earful": max(f["earful"]["total_seconds"] for f in folds),
-            "target": TARGET, "meets_target": all(checks.values()), "checks": checks}
+            "worst_fold_earful": min(folds, key=lambda f: f["earful"]["accuracy"])["speaker"],
+            "target": {**TARGET, **({"no_speech": REFUSAL_TARGET} if refusals else {})},
+            "meets_target": all(checks.values()), "checks": checks}
 
 
 def print_table(result: dict) -> None:
@@ -249,8 +286,12 @@ def print_table(result: dict) -> None:
         line = f"{name:<10} {e['n']:>4} {e['accuracy']:>10.4f} {e['wer']:>6.3f} {e['train_seconds']:>8.0f} {e['total_seconds']:>8.0f}"
         if peers:
             line += f" {f['whisper_tiny_zero_shot']['accuracy']:>11.4f} {f['pocketsphinx_grammar']['accuracy']:>10.4f}"
+        refusal = e.get("no_speech")
+        if refusal:
+            line += f"  no-speech refused {refusal['refusal_rate']:.3f}, speech refused {refusal['speech_refusal_rate']:.3f}"
         print(line)
     m = result["mean_accuracy"]
+    print(f"worst fold: {result['worst_fold_earful']} ({result['min_accuracy_earful']:.4f})")
     line = f"{'mean':<10} {'':>4} {m['earful']:>10.4f} {'':>6} {'':>8} {'':>8}"
     if peers:
         line += f" {m['whisper_tiny_zero_shot']:>11.4f} {m['pocketsphinx_grammar']:>10.4f}"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -245,7 +246,8 @@ class Batcher:
     def _wave(self, i: int, draw: int) -> np.ndarray:
         """Clip i's audio, augmented as drawn in `draw` (the epoch, or the copy) when wave augmentation is on."""
         audio = self.dataset[i]["audio"]
-        return self.augment(audio, i, draw) if self.augment is not None and self.augment.on_waves else audio
+        speech = self.augment is not None and i % len(self.dataset.utterances) < self.augment.n_clips  # no-speech clips come last
+        return self.augment(audio, i, draw) if speech and self.augment.on_waves else audio
 
     def _features(self, idx: list[int]) -> dict[str, torch.Tensor]:
         """The clips' encoder input, SpecAugment-masked for this epoch when the recipe asks for it."""
@@ -334,8 +336,14 @@ def distill_loss(model, batch: dict, weight: float) -> tuple[torch.Tensor, torch
     return (1 - weight) * ce + weight * kl, kl.detach()
 
 
-def listening_parts(recipe: Recipe, device: torch.device) -> Parts:
-    """Encoder -> projector -> LLM; a frozen encoder's outputs are computed once and cached."""
+def listening_parts(recipe: Recipe, device: torch.device, out_dir: Path | None = None) -> Parts:
+    """Encoder -> projector -> LLM; a frozen encoder's outputs are computed once and cached.
+
+    With `data.no_speech_clips`, that many clips holding no speech (silence, noise, hum, clicks,
+    tones, music; earful.data.nonspeech, seeded by train.seed) are written to OUT/no_speech and
+    join the training set, answered with `data.no_speech_answer`. They are not augmented (their
+    variety is generated), and babble noise mixes speech clips only.
+    """
     t, d = recipe.train, recipe.data
     model, processor = build_model(recipe)
     model.to(device).train()
@@ -347,13 +355,20 @@ def listening_parts(recipe: Recipe, device: torch.device) -> Parts:
     fits = partial(check_audio_length, processor.feature_extractor, model.config.encoder_config)  # what the encoder can take
     sr = processor.sampling_rate
     train_utts, rejects = usable_utterances(read_manifest(d.train), sr, d.max_seconds, d.train, fits)
+    n_speech = len(train_utts)
+    if d.no_speech_clips:
+        from ..data.nonspeech import make_nonspeech
+
+        folder = Path(out_dir or tempfile.mkdtemp(prefix="earful-no-speech-")) / "no_speech"
+        train_utts = train_utts + make_nonspeech(folder, d.no_speech_clips, seed=t.seed, sampling_rate=sr, answer=d.no_speech_answer)
+        logger.info("data.no_speech_clips: %d clips without speech in %s, answered %r", d.no_speech_clips, folder, d.no_speech_answer)
     train_set = SpeechDataset(train_utts, sr, d.prompt, d.max_seconds, d.speed_perturb)
     eval_set = None
     if d.eval:
         eval_utts, eval_rejects = usable_utterances(read_manifest(d.eval), sr, d.max_seconds, d.eval, fits)
         eval_set, rejects = SpeechDataset(eval_utts, sr, d.prompt, d.max_seconds), rejects + eval_rejects
     cache = _encoder_fixed(recipe)
-    augment = _augmenter(recipe, train_set, model, fits)
+    augment = _augmenter(recipe, train_set, model, fits, n_speech)
     train_batches = Batcher(train_set, processor, model, device, cache, teacher=bool(t.distill_weight), augment=augment)
     eval_batches = Batcher(eval_set, processor, model, device, cache) if eval_set else None
     if cache:
@@ -372,9 +387,10 @@ def listening_parts(recipe: Recipe, device: torch.device) -> Parts:
                  rejects=rejects)
 
 
-def _augmenter(recipe: Recipe, dataset: SpeechDataset, model, fits) -> Augmenter | None:
+def _augmenter(recipe: Recipe, dataset: SpeechDataset, model, fits, n_speech: int) -> Augmenter | None:
     """data.augment for the training set (None when it asks for nothing); `fits(n, name)` is the
-    encoder's length check, so a speed change never makes a clip the encoder cannot take."""
+    encoder's length check, so a speed change never makes a clip the encoder cannot take. Clips
+    from `n_speech` on hold no speech (data.no_speech_clips): never augmented, never babble."""
     spec, problems = parse_augment(recipe.data.augment)
     if problems:  # build_recipe reports them; a Recipe made in code may not have gone through it
         raise RecipeError("; ".join(problems))
@@ -396,7 +412,7 @@ def _augmenter(recipe: Recipe, dataset: SpeechDataset, model, fits) -> Augmenter
             return False
         return True
 
-    aug = Augmenter(spec, dataset.sampling_rate, recipe.train.seed, clips=dataset.clip, n_clips=len(dataset.utterances),
+    aug = Augmenter(spec, dataset.sampling_rate, recipe.train.seed, clips=dataset.clip, n_clips=n_speech,
                     length_ok=length_ok)
     logger.info("data.augment (training clips only): %s%s", ", ".join([*spec.waves, *(["specaugment"] if spec.masks else [])]),
                 f"; {aug.spec.copies} copies per clip, encoded once" if _encoder_fixed(recipe) and spec.waves else "")

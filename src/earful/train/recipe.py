@@ -56,6 +56,8 @@ class DataRecipe:
     speed_perturb: list = field(default_factory=lambda: [1.0])  # speed-perturbed copies, e.g. [0.9, 1.0, 1.1]
     encoded: str | None = None  # a store `earful data encode` filled: a frozen encoder's outputs are read from it
     augment: dict | None = field(default_factory=dict)  # training audio's augmentations, each with its p (earful.data.augment); {}: none
+    no_speech_clips: int = 0  # generated clips that hold no speech (earful.data.nonspeech), trained to answer no_speech_answer
+    no_speech_answer: str = "I could not hear any speech."  # the one answer to silence, noise, hum, clicks, tones, music
     format: str = "speech"  # units: speech | asr | tts | interleaved | aligned (earful.data.sequences)
     text_delay: float = 0.0  # units, aligned: seconds a word's text follows its speech (< 0: text first)
     max_span_words: int = 3  # units, interleaved: longest run of words in one modality
@@ -167,6 +169,10 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
     recipe = Recipe(**sections)
     t = recipe.train
     problems += _value_problems(recipe)
+    if not isinstance(recipe.data.no_speech_clips, int) or isinstance(recipe.data.no_speech_clips, bool) or recipe.data.no_speech_clips < 0:
+        problems.append(f"data.no_speech_clips: expected a whole number >= 0, found {recipe.data.no_speech_clips!r}")
+    if not isinstance(recipe.data.no_speech_answer, str) or not recipe.data.no_speech_answer.strip():
+        problems.append(f"data.no_speech_answer: expected the answer to audio without speech (text), found {recipe.data.no_speech_answer!r}")
     if not recipe.data.speed_perturb or not all(isinstance(v, (int, float)) and 0.5 <= v <= 2.0 for v in recipe.data.speed_perturb):
         problems.append(f"data.speed_perturb: expected a list of speeds in [0.5, 2], found {recipe.data.speed_perturb!r}")
     problems += _augment_problems(recipe)

@@ -102,7 +102,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False, *, hooks: H
     fsdp = world > 1 and t.parallel == "fsdp"
 
     # -- model and data ------------------------------------------------------------------------
-    parts = units_parts(recipe, device) if recipe.model.kind == "units" else listening_parts(recipe, device)
+    parts = units_parts(recipe, device) if recipe.model.kind == "units" else listening_parts(recipe, device, out_dir)
     model, family, train_batches, eval_batches = parts.model, parts.family, parts.train_batches, parts.eval_batches
     if main_rank:
         record_rejects(out_dir, parts.rejects)
