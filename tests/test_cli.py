@@ -55,8 +55,10 @@ def bad_files(root):
 @pytest.mark.parametrize("kind", ["AudioNotFound", "AudioEmpty", "AudioCorrupt", "AudioNotAudio", "AudioNonFinite", "AudioTooLong"])
 def test_transcribe_reports_each_kind_of_bad_audio_in_one_line(fsdd, tiny_model_dir, tmp_path, kind):
     path = bad_files(tmp_path)[kind]
-    r = run_cli("transcribe", "--model", tiny_model_dir, path)
-    assert r.returncode != 0
+    # Long files are transcribed long-form; too long is over the hard limit, here 6 minutes (exit status 2).
+    limit = ["--max-hours", "0.1"] if kind == "AudioTooLong" else []
+    r = run_cli("transcribe", "--model", tiny_model_dir, path, *limit)
+    assert r.returncode == (2 if kind == "AudioTooLong" else 1)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith("error: ") and path.name in lines[0] and f"[{kind}]" in lines[0]
@@ -87,18 +89,17 @@ def fsdd_cut(path, n_samples: int):
 TOO_LONG = " s long; this model's encoder (whisper) takes at most 30.0 s; split it with `earful data segment`"
 
 
-def test_transcribe_refuses_audio_the_encoder_would_cut_or_cannot_read(fsdd, tiny_model_dir, tmp_path):
-    """Whisper reads 30 s: a 31 s or 60 s file is refused with the limit and the fix, never cut to its
-    first 30 s; a 100-sample clip is refused too; the rest of the batch, a 29 s file included, is transcribed."""
+def test_transcribe_takes_long_files_whole_and_refuses_what_the_encoder_cannot_read(fsdd, tiny_model_dir, tmp_path):
+    """Whisper reads 30 s: a 31 s or 60 s file is transcribed long-form (never cut to its first 30 s),
+    in order with the rest of the batch, a 29 s file included; a 100-sample clip is refused."""
     f31, f60, f29 = (fsdd_recording(tmp_path / f"rec{n}s.wav", n) for n in (31, 60, 29))
     short, good = fsdd_cut(tmp_path / "cut100.wav", 100), FSDD_REC / "3_george_1.wav"
     r = run_cli("transcribe", "--model", tiny_model_dir, f31, short, f29, f60, good, "--batch-size", "4")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert [line.split("\t")[0] for line in r.stdout.splitlines()] == [str(f29), str(good)]
+    assert [line.split("\t")[0] for line in r.stdout.splitlines()] == [str(f31), str(f29), str(f60), str(good)]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 3, r.stderr
-    assert f"error: {f31}: 31.0{TOO_LONG} [AudioTooLong]" in errors and f"error: {f60}: 60.0{TOO_LONG} [AudioTooLong]" in errors
-    assert any(line.startswith(f"error: {short}: 200 samples") and line.endswith("[AudioTooShort]") for line in errors), errors
+    assert len(errors) == 1, r.stderr
+    assert errors[0].startswith(f"error: {short}: 200 samples") and errors[0].endswith("[AudioTooShort]"), errors
     assert "max_seconds" not in r.stderr  # transcribe has no such option to raise
 
 
@@ -138,7 +139,7 @@ def test_eval_asr_report_with_a_reject(fsdd, tiny_model_dir, tmp_path):
     assert {"id", "reference", "hypothesis", "correct"} <= set(report["utterances"][0])
 
 
-def test_eval_asr_records_clips_too_long_or_too_short_for_the_encoder(fsdd, tiny_model_dir, tmp_path):
+def test_eval_asr_transcribes_long_recordings_and_records_clips_too_short(fsdd, tiny_model_dir, tmp_path):
     rows = [Utterance(audio=str(fsdd_recording(tmp_path / "rec31s.wav", 31)), text="seven", id="long31"),
             Utterance(audio=str(fsdd_recording(tmp_path / "rec29s.wav", 29)), text="seven", id="long29"),
             Utterance(audio=str(fsdd_cut(tmp_path / "cut100.wav", 100)), text="seven", id="cut100"),
@@ -147,10 +148,10 @@ def test_eval_asr_records_clips_too_long_or_too_short_for_the_encoder(fsdd, tiny
     r = run_cli("eval", "asr", "--model", tiny_model_dir, "--data", tmp_path / "m.jsonl", "--out", tmp_path / "report.json", "--batch-size", "4")
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["n"] == 2 and [u["id"] for u in report["utterances"]] == ["long29", "good"]
+    assert report["n"] == 3 and [u["id"] for u in report["utterances"]] == ["long31", "long29", "good"]
+    assert report["utterances"][0]["segments"] and "segments" not in report["utterances"][1]  # 31 s: long-form
     rejects = {x["id"]: x for x in report["rejects"]}
-    assert report["rejected"] == 2 and set(rejects) == {"long31", "cut100"}
-    assert rejects["long31"]["error"] == "AudioTooLong" and rejects["long31"]["reason"] == f"31.0{TOO_LONG}"
+    assert report["rejected"] == 1 and set(rejects) == {"cut100"}
     assert rejects["cut100"]["error"] == "AudioTooShort" and "needs at least 201" in rejects["cut100"]["reason"]
 
 

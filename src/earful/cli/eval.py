@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from ._parser import Arg, Count, UsageError, verb
+from ._parser import Arg, Count, NonNegative, Positive, UsageError, verb
 from ._shared import check_prompt, load_clips, load_unit_lm
 
 
 @verb("eval asr")
 def eval_asr(*, model: str, data: str, out: str, batch_size: Count = 16, prompt: str | None = None, limit: Count | None = None,
-             normalize: Literal["whisper", "digits"] = "whisper") -> None:
+             normalize: Literal["whisper", "digits"] = "whisper", split: Literal["vad", "fixed"] = "vad",
+             segment_seconds: Positive | None = None, overlap: NonNegative = 2.0, max_hours: Positive = 4.0) -> None:
     """Transcribe a manifest and write corpus WER/CER (both sides normalised first) to a JSON report.
 
-    Clips that cannot be read, or are too long or too short for the model's encoder (Whisper: 30 s
-    at most), are listed under "rejects" with the reason; the rest are scored.
+    Recordings longer than the model's encoder takes whole (Whisper: 30 s) are transcribed
+    long-form, as `earful transcribe` does (their rows keep the segments). Clips that cannot be
+    read, are too short for the encoder or over --max-hours are listed under "rejects" with the
+    reason; the rest are scored.
 
     Args:
         model: trained model folder
@@ -24,21 +27,43 @@ def eval_asr(*, model: str, data: str, out: str, batch_size: Count = 16, prompt:
         limit: score only the first N utterances
         normalize: whisper (Whisper's English normaliser: "four one seven" -> "417", one word) or
             digits (each digit its own word: "417" -> "four one seven", for digit strings)
+        split: how a long recording is cut: vad (speech regions, default) or fixed (windows sharing --overlap)
+        segment_seconds: the longest segment (default: what the encoder takes, Whisper's 30 s)
+        overlap: fixed windows: seconds each shares with the next (default 2)
+        max_hours: reject longer recordings (default 4)
     """
     from ..data.manifest import read_manifest
     from ..eval.asr import evaluate_asr, write_report
+    from ..eval.longform import evaluate_asr_long, is_long
     from ..models.build import load_speech_lm
+    from ..models.processing import max_audio_seconds
 
     check_prompt(prompt)
     utts = read_manifest(data)
     utts = utts if limit is None else utts[:limit]
     lm, processor = load_speech_lm(model)
-    report = evaluate_asr(lm, processor, utts, prompt=prompt or processor.prompt_format.default_prompt, batch_size=batch_size,
-                          normalizer=normalize)
+    prompt = prompt or processor.prompt_format.default_prompt
+    encoder_limit = max_audio_seconds(processor.feature_extractor, processor.config.encoder_config)
+    if any(is_long(_seconds(u.audio), encoder_limit) for u in utts):
+        report = evaluate_asr_long(lm, processor, utts, prompt=prompt, batch_size=batch_size, normalizer=normalize, split=split,
+                                   segment_seconds=segment_seconds, overlap=overlap, max_hours=max_hours)
+    else:  # every clip fits the encoder: the short path, as it always was
+        report = evaluate_asr(lm, processor, utts, prompt=prompt, batch_size=batch_size, normalizer=normalize)
     report = {"model": str(model), "data": str(data), **report}
     write_report(report, out)
     print(f"WER {report['wer']:.4f}  CER {report['cer']:.4f}  accuracy {report['accuracy']:.4f}  "
           f"on {report['n']} utterances ({report['rejected']} rejected) -> {out}")
+
+
+def _seconds(path: str) -> float | None:
+    """A recording's stated length (None: its header states none); 0 for one that cannot be read (the scorer records why)."""
+    from ..audio import AudioError
+    from ..eval.longform import stated_seconds
+
+    try:
+        return stated_seconds(path)
+    except AudioError:
+        return 0.0
 
 
 @verb("eval pairs")

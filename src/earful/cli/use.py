@@ -2,35 +2,119 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
 
-from ._parser import Arg, Count, Positive, UsageError, verb
+from .. import atomic
+from ._parser import Arg, Count, NonNegative, Positive, UsageError, verb
 from ._shared import audio_front, check_prompt, load_clips
 
 
 @verb("transcribe")
-def transcribe(files: Annotated[list[str], Arg(metavar="FILE")], *, model: str, prompt: str | None = None, batch_size: Count = 8) -> int:
-    """Print 'FILE<TAB>transcript' for each audio file.
+def transcribe(files: Annotated[list[str], Arg(metavar="FILE")], *, model: str, prompt: str | None = None, batch_size: Count = 8,
+               format: Literal["text", "json", "srt", "vtt"] = "text", split: Literal["vad", "fixed"] = "vad",
+               segment_seconds: Positive | None = None, overlap: NonNegative = 2.0, max_hours: Positive = 4.0,
+               out_dir: str | None = None) -> int:
+    """Print each audio file's transcript: 'FILE<TAB>transcript', or JSON, SRT or WebVTT with timestamps.
 
-    Files that cannot be read, or are too long or too short for the model's encoder (Whisper: 30 s
-    at most; split longer recordings with `earful data segment`), are reported on stderr and
+    A file longer than the model's encoder takes whole (Whisper: 30 s) is transcribed long-form:
+    decoded a block at a time, cut into segments by Silero VAD (speech regions; silence is
+    skipped) or into fixed windows that overlap, the segments batched through the model, each
+    with its start and end. Memory stays that of a few minutes of audio however long the file;
+    a file over --max-hours is refused from its header (exit status 2) before the model loads.
+    Files that cannot be read, or are too short for the encoder, are reported on stderr and
     skipped (exit status 1); the rest are still transcribed.
 
     Args:
         prompt: user turn holding <|audio|> (default: the training prompt)
+        format: text (FILE<TAB>transcript), json (a line per file: duration, text, segments with start and end),
+            srt or vtt (subtitles: one FILE, or --out-dir)
+        split: how a long file is cut: vad (speech regions, default) or fixed (windows sharing --overlap)
+        segment_seconds: the longest segment (default: what the encoder takes, Whisper's 30 s)
+        overlap: fixed windows: seconds each shares with the next (default 2)
+        max_hours: refuse longer files (default 4)
+        out_dir: write each transcript to OUT_DIR/NAME.txt|json|srt|vtt instead of printing it
     """
-    from ..eval.asr import generate_text
+    from ..audio import AudioError
+    from ..eval.asr import generate_text, load_clip
+    from ..eval.longform import check_settings, is_long, render, short_transcript, stated_seconds, texts_of, too_long, transcribe_long
     from ..models.build import load_speech_lm
+    from ..models.processing import max_audio_seconds, min_audio_samples
 
     check_prompt(prompt)
-    # Check every file before paying for the model.
-    waves, names, failures = load_clips(files, front=audio_front(model))
-    if waves:
-        lm, processor = load_speech_lm(model)
-        for start in range(0, len(waves), batch_size):
-            texts = generate_text(lm, processor, waves[start : start + batch_size], prompt or processor.prompt_format.default_prompt)
-            for name, text in zip(names[start : start + batch_size], texts):
-                print(f"{name}\t{text}")
+    if format in ("srt", "vtt") and len(files) > 1 and out_dir is None:
+        raise UsageError(f"--format {format}: {len(files)} FILEs would run together on stdout; give one, or --out-dir DIR")
+    names = [Path(f).stem for f in files]
+    if out_dir is not None and len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise UsageError(f"--out-dir: FILEs share the name {twice[0]!r}, so their transcripts would overwrite each other; "
+                         "give files of different names or run once per folder")
+    front = audio_front(model)
+    limit = max_audio_seconds(*front)
+    segment_seconds = segment_seconds or limit or 30.0
+    check_settings(split, segment_seconds, overlap, limit, max_hours)
+
+    # Check every file before paying for the model: short clips are read whole, as before; long ones from the header.
+    jobs, failures, over = [], 0, False  # jobs: (file, its wave, or None when long-form)
+    for f in files:
+        try:
+            seconds = stated_seconds(f)
+            if not is_long(seconds, limit):
+                jobs.append((f, load_clip(f, *front)))
+            elif seconds is not None and seconds > max_hours * 3600:
+                over = True
+                raise too_long(f, seconds, max_hours * 3600, "; raise --max-hours or cut it with `earful data segment`")
+            else:
+                jobs.append((f, None))
+        except AudioError as e:
+            print(f"error: {e} [{type(e).__name__}]", file=sys.stderr)
+            failures += 1
+    if over:  # a hard limit is a usage error, as a bad option is: nothing is transcribed
+        return 2
+    if not jobs:
+        return 1 if failures else 0
+    lm, processor = load_speech_lm(model)
+    prompt = prompt or processor.prompt_format.default_prompt
+
+    def emit(f: str, transcript) -> None:
+        text = render(transcript, format, f)
+        if out_dir is None:
+            print(text, end="", flush=True)
+            return
+        path = Path(out_dir) / f"{Path(f).stem}.{'txt' if format == 'text' else format}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(path, transcript.text + "\n" if format == "text" else text)
+        print(f"{f} -> {path}", flush=True)
+
+    batch: list[tuple[str, object]] = []  # short clips waiting, so they go through the model together as before
+
+    def flush() -> None:
+        texts = generate_text(lm, processor, [w for _, w in batch], prompt)
+        for (f, wave), text in zip(batch, texts):
+            emit(f, short_transcript(text, len(wave) / processor.sampling_rate))
+        batch.clear()
+
+    generate = texts_of(lm, processor, prompt)
+    for f, wave in jobs:
+        if wave is not None:
+            batch.append((f, wave))
+            if len(batch) == batch_size:
+                flush()
+            continue
+        if batch:
+            flush()
+        try:
+            transcript = transcribe_long(f, generate, sampling_rate=processor.sampling_rate, split=split, segment_seconds=segment_seconds,
+                                         overlap=overlap, batch_size=batch_size, max_seconds=max_hours * 3600, name=f,
+                                         limit_hint="; raise --max-hours", min_samples=min_audio_samples(*front))
+        except AudioError as e:  # found only as it decodes: a truncated file, a length the header did not state
+            print(f"error: {e} [{type(e).__name__}]", file=sys.stderr)
+            failures += 1
+            continue
+        emit(f, transcript)
+    if batch:
+        flush()
     return 1 if failures else 0
 
 

@@ -21,6 +21,7 @@ import binascii
 import hmac
 import json
 import logging
+import math
 import time
 import uuid
 from pathlib import PurePath
@@ -34,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..audio import AudioError
+from ..eval.longform import Transcript, compression_ratio, short_transcript, to_srt, to_vtt
 from .engine import MAX_STOP_SEQUENCES, DecodingOptions, RequestError, ServerBusy, SpeakingLM, SpeechLM
 
 logger = logging.getLogger(__name__)
@@ -422,25 +424,25 @@ def create_app(lm: SpeechLM | SpeakingLM, *, api_key: str | None = None, max_upl
             _check_model(model, lm.name)
             if isinstance(lm, SpeakingLM):
                 raise ApiError(400, f"{lm.name} is a speech continuation model: it speaks, it does not transcribe", param="model")
-            fmt = form.get("response_format") or "json"
-            if fmt not in ("json", "text", "verbose_json"):
-                raise ApiError(400, f"response_format: {fmt!r} is not supported (json, text or verbose_json)", param="response_format")
+            fmt = _transcription_format(form)
             data = await upload.read()
             name = f"file {PurePath(upload.filename or 'upload').name!r}"  # a label for messages, never a path
         finally:
             await form.close()  # spooled upload files are deleted here
         try:
-            wave = await run_in_threadpool(lm.read_audio, data, name)
-            future, _ = await run_in_threadpool(lm.submit, [{"role": "user", "content": [wave]}], DecodingOptions(max_new_tokens=128))
+            if await run_in_threadpool(lm.needs_long_form, data, name):  # longer than the encoder takes: cut into segments
+                future = await run_in_threadpool(lm.submit_long, data, name=name)
+                transcript, usage = await _answer_of(request, future)
+            else:
+                wave = await run_in_threadpool(lm.read_audio, data, name)
+                future, _ = await run_in_threadpool(lm.submit, [{"role": "user", "content": [wave]}], DecodingOptions(max_new_tokens=128))
+                g = await _answer_of(request, future)
+                transcript = short_transcript(g.text, len(wave) / lm.sampling_rate)
+                transcript.segments[0].tokens = list(g.token_ids)
+                usage = {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens}
         except (RequestError, AudioError) as e:
             raise ApiError(400, str(e), param="file") from None
-        g = await _answer_of(request, future)
-        if fmt == "text":
-            return PlainTextResponse(g.text + "\n")
-        if fmt == "verbose_json":
-            return {"task": "transcribe", "language": "english", "duration": round(len(wave) / lm.sampling_rate, 3), "text": g.text}
-        return {"text": g.text, "usage": {"type": "tokens", "input_tokens": g.prompt_tokens, "output_tokens": g.completion_tokens,
-                                          "total_tokens": g.prompt_tokens + g.completion_tokens}}
+        return _transcription(transcript, usage, fmt)
 
     if ui:
         import gradio as gr
@@ -480,6 +482,46 @@ async def _speak(lm: SpeakingLM, body: object) -> dict:
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": lm.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "refusal": None, "audio": audio}, "finish_reason": finish}],
             "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(units), "total_tokens": len(prompt) + len(units)}}
+
+
+TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
+GRANULARITIES = ("segment", "word")
+
+
+def _transcription_format(form) -> str:
+    """A transcription form's response_format, its timestamp_granularities checked against it as OpenAI checks them."""
+    fmt = form.get("response_format") or "json"
+    if fmt not in TRANSCRIPTION_FORMATS:
+        raise ApiError(400, f"response_format: {_show(fmt)} is not supported (json, text, verbose_json, srt or vtt)",
+                       param="response_format")
+    field = "timestamp_granularities[]"
+    granularities = [*form.getlist(field), *form.getlist("timestamp_granularities")]
+    for g in granularities:
+        if g not in GRANULARITIES:
+            raise ApiError(400, f"{field}: {_show(g)} is not one of segment, word", param=field)
+        if g == "word":
+            raise ApiError(400, f"{field}: word timestamps are not supported by this server; ask for segment", param=field)
+    if granularities and fmt != "verbose_json":
+        raise ApiError(400, f"{field}: timestamps come with response_format verbose_json, not {fmt}", param=field)
+    return fmt
+
+
+def _transcription(t: Transcript, usage: dict, fmt: str):
+    """A transcript in OpenAI's response formats: text, json, verbose_json (with segments), srt, vtt."""
+    if fmt == "text":
+        return PlainTextResponse(t.text + "\n")
+    if fmt in ("srt", "vtt"):
+        return PlainTextResponse(to_srt(t) if fmt == "srt" else to_vtt(t))
+    if fmt == "json":
+        p, c = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        return {"text": t.text, "usage": {"type": "tokens", "input_tokens": p, "output_tokens": c, "total_tokens": p + c}}
+    # OpenAI's segment fields; what this model does not compute (log-probabilities, a no-speech
+    # probability) is null, never made up. Timestamps are the segments' own: VAD regions.
+    segments = [{"id": s.id, "seek": round(s.start * 100), "start": round(s.start, 3), "end": round(s.end, 3), "text": s.text,
+                 "tokens": s.tokens, "temperature": 0.0, "avg_logprob": None, "compression_ratio": compression_ratio(s.text),
+                 "no_speech_prob": None} for s in t.segments]
+    return {"task": "transcribe", "language": "english", "duration": round(t.duration, 3), "text": t.text, "segments": segments,
+            "usage": {"type": "duration", "seconds": math.ceil(t.duration)}}
 
 
 def _usage(g) -> dict:

@@ -29,7 +29,7 @@ import math
 import numbers
 import threading
 import time
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import CancelledError, Future, InvalidStateError, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Union
@@ -38,9 +38,10 @@ import numpy as np
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..audio import DEFAULT_MAX_SECONDS, audio_duration, decode_audio_bytes, load_audio, resample
+from ..audio import DEFAULT_MAX_SECONDS, AudioTooLong, audio_duration, decode_audio_bytes, load_audio, resample
+from ..eval.longform import is_long, max_new_tokens_for, stated_seconds, transcribe_long
 from ..models.configuration import place_audio
-from ..models.processing import clip_features, pad_features
+from ..models.processing import clip_features, max_audio_seconds, min_audio_samples, pad_features
 from ..errors import EarfulError
 
 logger = logging.getLogger(__name__)
@@ -513,6 +514,79 @@ class SpeechLM:
     def transcribe(self, audio: AudioLike, *, max_new_tokens: int = 64) -> str:
         """What is said in a clip, asked with the prompt the model was trained on."""
         return self.chat(audio=audio, max_new_tokens=max_new_tokens)
+
+    # -- long recordings (POST /v1/audio/transcriptions) -------------------------------------------
+    @property
+    def encoder_seconds(self) -> float | None:
+        """The longest clip the encoder reads whole (Whisper: 30 s); None where it has no limit."""
+        return max_audio_seconds(self.processor.feature_extractor, self.model.config.encoder_config)
+
+    def needs_long_form(self, audio: bytes | str | Path, name: str = "<audio>") -> bool:
+        """Whether a recording is longer than the encoder takes (or its header does not say), from its header alone."""
+        return is_long(stated_seconds(audio, name), self.encoder_seconds)
+
+    def submit_long(self, audio: bytes | str | Path, *, name: str = "<audio>", split: str = "vad") -> Future:
+        """Queue a recording longer than the encoder takes: a Future of (its `Transcript`, token usage).
+
+        It is decoded a block at a time and cut into segments (`earful.eval.longform`) in a thread
+        of its own; the segments join the queue `max_batch_size` at a time, so they batch with
+        other requests and never fill the queue alone. The recording is bounded by
+        `max_audio_seconds` and `max_request_audio_seconds`, from its header before any decode
+        (raises `AudioTooLong` / `RequestError`). `future.cancel()` stops it at the next batch.
+        """
+        seconds = stated_seconds(audio, name)
+        if seconds is not None:
+            if seconds > self.max_audio_seconds:
+                raise AudioTooLong(name, f"{seconds:.1f} s long, more than the limit (max_seconds={self.max_audio_seconds:g}); "
+                                         "send a shorter recording (the server's --max-audio-seconds)")
+            self._check_request_seconds(seconds)
+        future: Future = Future()
+        threading.Thread(target=self._transcribe_long, args=(audio, name, split, future), name="earful-longform", daemon=True).start()
+        return future
+
+    def _transcribe_long(self, audio, name: str, split: str, future: Future) -> None:
+        usage = collections.Counter()
+        rate = self.sampling_rate
+
+        def generate(waves: list[np.ndarray]) -> list[Generation]:
+            jobs = []
+            try:
+                for w in waves:
+                    options = DecodingOptions(max_new_tokens=max(128, max_new_tokens_for(len(w) / rate)))
+                    jobs.append(self.submit([{"role": "user", "content": [w]}], options)[0])
+                while wait(jobs, timeout=0.25).not_done:
+                    if future.cancelled():
+                        raise CancelledError()
+                out = [j.result() for j in jobs]
+            finally:
+                if future.cancelled():
+                    for j in jobs:
+                        j.cancel()
+            usage.update(prompt_tokens=sum(g.prompt_tokens for g in out), completion_tokens=sum(g.completion_tokens for g in out))
+            return out
+
+        limit = min(self.max_audio_seconds, self.max_request_audio_seconds)  # a header that stated no length: checked as it decodes
+        try:
+            shortest = max(min_audio_samples(self.processor.feature_extractor, self.model.config.encoder_config),
+                           math.ceil(MIN_AUDIO_SECONDS * rate))
+            transcript = transcribe_long(audio, generate, sampling_rate=rate, split=split, segment_seconds=self.encoder_seconds or 30.0,
+                                         batch_size=self.max_batch_size, max_seconds=limit, name=name,
+                                         limit_hint=" (the server's --max-audio-seconds / --max-request-audio-seconds)",
+                                         min_samples=shortest)
+        except CancelledError:
+            self.counts["cancelled"] += 1
+            return
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            transcript, error = None, e
+        else:
+            error = None
+        try:
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result((transcript, dict(usage)))
+        except InvalidStateError:  # cancelled meanwhile
+            pass
 
     def close(self) -> None:
         with self._cv:
