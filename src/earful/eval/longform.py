@@ -439,6 +439,7 @@ def transcribe_long(source: str | Path | bytes, generate: Generate, *, sampling_
             text, tokens = (out, []) if isinstance(out, str) else (out.text, list(getattr(out, "token_ids", [])))
             segments.append(Segment(len(segments), p.start, p.end, text.strip(), tokens))
         batch.clear()
+        _trim_heap()
 
     for piece in pieces:
         if len(piece.wave) * sampling_rate < min_samples * rate:
@@ -453,6 +454,30 @@ def transcribe_long(source: str | Path | bytes, generate: Generate, *, sampling_
         _seam(segments, overlap)
     logger.debug("%s: %.1f s in %d segments (%s)", name or source, duration, len(segments), split)
     return Transcript(duration, segments)
+
+
+_LIBC = None
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the system (glibc's `malloc_trim`; elsewhere nothing).
+
+    Each batch's tensors differ in size from the last's and glibc keeps the holes they leave, so
+    without this the resident size creeps up with the length of the recording (measured with a
+    digits model: 1,094 -> 1,144 MB over 8 minutes of audio; flat at 1,020 MB with it).
+    """
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018  glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
 
 
 _WORD = re.compile(r"[^\w']+")
