@@ -35,9 +35,11 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from pathlib import Path
+from typing import BinaryIO
 
 import jiwer
 import numpy as np
@@ -120,8 +122,8 @@ def check_settings(split: str, segment_seconds: float, overlap: float = DEFAULT_
 def stated_seconds(source: str | Path | bytes, name: str | None = None) -> float | None:
     """A recording's length from its header, nothing decoded; None where the header states none
     (a streamed WebM). Raises the `AudioError` a decode would (missing, empty, not audio, ...)."""
-    name = name or str(source)
-    with _source(source) as (f, file):
+    name = _label(source, name)
+    with _opened(source) as (f, file):
         head = _read_head(f, name)
         container = _ffmpeg_container(head)
         if container is None:
@@ -131,22 +133,20 @@ def stated_seconds(source: str | Path | bytes, name: str | None = None) -> float
             return _ffmpeg_probe(_ffmpeg(name, container), path, name, container)
 
 
-class _source:
-    """(open binary file, its path or None) for a path or for bytes already in memory."""
+@contextmanager
+def _opened(source: str | Path | bytes) -> Iterator[tuple[BinaryIO, Path | None]]:
+    """(open binary file, its path or None) for a path, or for bytes already in memory."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        f, file = io.BytesIO(bytes(source)), None
+    else:
+        file = Path(source)
+        f = _open_file(file)
+    with f:
+        yield f, file
 
-    def __init__(self, source: str | Path | bytes):
-        self.source = source
 
-    def __enter__(self):
-        if isinstance(self.source, (bytes, bytearray, memoryview)):
-            self.f, file = io.BytesIO(bytes(self.source)), None
-        else:
-            file = Path(self.source)
-            self.f = _open_file(file)
-        return self.f, file
-
-    def __exit__(self, *exc):
-        self.f.close()
+def _label(source: str | Path | bytes, name: str | None) -> str:
+    return name or ("<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source))
 
 
 def stream_audio(source: str | Path | bytes, sampling_rate: int = VAD_RATE, *, max_seconds: float | None = None,
@@ -157,8 +157,8 @@ def stream_audio(source: str | Path | bytes, sampling_rate: int = VAD_RATE, *, m
     against `max_seconds` from the header before any decode (`limit_hint` ends that message: how
     to raise the limit); a length the header does not state is checked as the blocks arrive.
     """
-    name = name or str(source)
-    with _source(source) as (f, file):
+    name = _label(source, name)
+    with _opened(source) as (f, file):
         head = _read_head(f, name)
         container = _ffmpeg_container(head)
         if container is None:
@@ -318,9 +318,10 @@ def _speech(wave: np.ndarray, segment_seconds: float) -> list[tuple[int, int]]:
                                        speech_pad_ms=round(VAD_PAD_S * 1000), max_speech_duration_s=segment_seconds)
     longest = int(segment_seconds * VAD_RATE)
     out = []
-    for s in stamps:  # the padding may take a region split at the longest just past it: cut again
-        for a in range(s["start"], s["end"], longest):
-            out.append((a, min(a + longest, s["end"])))
+    for s in stamps:  # the padding may take a region split at the longest just past it: cut it in equal parts
+        a, b = s["start"], s["end"]
+        n = -(-(b - a) // longest)
+        out += [(a + (b - a) * i // n, a + (b - a) * (i + 1) // n) for i in range(n)]
     return out
 
 
