@@ -114,7 +114,8 @@ def score(utterances: list, hypotheses: list[str]) -> dict:
 
 
 # -- earful ------------------------------------------------------------------------------------
-def run_earful(speaker: str, train_utts: list, test_utts: list, work: Path, extra: list[str], keep: bool) -> dict:
+def run_earful(speaker: str, train_utts: list, test_utts: list, work: Path, extra: list[str], keep: bool,
+               init_from: Path | None = None) -> dict:
     from earful.data.manifest import write_manifest
     from earful.eval.asr import evaluate_asr
     from earful.models.build import load_speech_lm
@@ -125,7 +126,8 @@ def run_earful(speaker: str, train_utts: list, test_utts: list, work: Path, extr
     train_manifest = fold_dir / "train.jsonl"
     write_manifest(train_utts, train_manifest)
     write_manifest(test_utts, fold_dir / "test.jsonl")  # what was scored, for a later `earful eval asr --normalize digits`
-    recipe = load_recipe(RECIPE, [f"data.train={train_manifest}", "data.eval=null", *extra])
+    start_from = [f"model.init_from={init_from}"] if init_from else []
+    recipe = load_recipe(RECIPE, [f"data.train={train_manifest}", "data.eval=null", *start_from, *extra])
 
     model_dir = fold_dir / "model"
     start = time.perf_counter()
@@ -282,6 +284,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="score only the first N held-out strings (quick checks)")
     parser.add_argument("--skip-peers", action="store_true", help="run earful only")
     parser.add_argument("--keep", action="store_true", help="keep each fold's trained weights")
+    parser.add_argument("--init-from-work", type=Path, metavar="DIR",
+                        help="start each fold from DIR/SPEAKER/model: the single-digit model benchmarks/heldout_speaker.py "
+                             "trained without that speaker (`--keep --work DIR`); a curriculum, words before strings")
     args = parser.parse_args()
     started = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -304,6 +309,10 @@ def main() -> None:
         load_recipe(RECIPE, ["data.train=check.jsonl", "data.eval=null", *args.set])  # fail before any work
     except RecipeError as e:
         sys.exit(f"--set: {e}")
+    init = {s: (args.init_from_work / s / "model" if args.init_from_work else None) for s in speakers}
+    missing = [str(p) for p in init.values() if p is not None and not (p / "config.json").is_file()]
+    if missing:
+        sys.exit(f"--init-from-work: no trained model at {', '.join(missing)}; run benchmarks/heldout_speaker.py --keep --work DIR first")
     folder = fsdd_dir()
     train_speakers = sorted({s for held in speakers for s in SPEAKERS if s != held})
     train_pool = prepare(folder, args.work / "strings" / "train.jsonl", train_speakers, args.count, TRAIN_SEED)
@@ -320,7 +329,7 @@ def main() -> None:
         fold = {"speaker": speaker, "development": speaker in DEVELOPMENT_SPEAKERS,
                 "train_strings": sum(u.speaker != speaker for u in train_pool), "train_single_digits": sum(u.speaker != speaker for u in digits),
                 "strings": len(strings), "scored_strings": len(test_utts),
-                "earful": run_earful(speaker, train_utts, test_utts, args.work, args.set, args.keep)}
+                "earful": run_earful(speaker, train_utts, test_utts, args.work, args.set, args.keep, init[speaker])}
         if peers:
             waves = [load_audio(u.audio, SAMPLING_RATE) for u in test_utts]
             for name, peer in peers.items():
@@ -332,7 +341,7 @@ def main() -> None:
               "recipe": str(RECIPE.relative_to(RECIPE.parents[1])), "overrides": args.set, "limit": args.limit,
               "strings": {"min_digits": MIN_DIGITS, "max_digits": MAX_DIGITS, "train_per_speaker": args.count,
                           "test_per_speaker": args.test_count, "train_seed": TRAIN_SEED, "test_seed": TEST_SEED,
-                          "with_single_digits": args.with_digits, "normalizer": "earful.eval.asr.normalize_digit_words"},
+                          "with_single_digits": args.with_digits, "init_from_work": str(args.init_from_work) if args.init_from_work else None, "normalizer": "earful.eval.asr.normalize_digit_words"},
               **footer(started, pocketsphinx=version("pocketsphinx"), jiwer=version("jiwer"),
                        peer_load_seconds={name: round(p.load_seconds, 2) for name, p in peers.items()})}
     write_report(args.out, result)

@@ -35,7 +35,14 @@ Options: `--folds` defaults to all five speakers (`all`); `--limit N` scores onl
 evenly over the digits (a quick check, never a result); `--set KEY=VALUE` overrides the recipe
 (e.g. `--set train.max_steps=3`); `--skip-peers` runs earful alone (then `meets_target` is false,
 since nothing was compared). Trained models go to `--work/SPEAKER/model`; their weights are
-deleted after scoring unless `--keep`. FSDD is read from $EARFUL_FSDD or ../shared/data/fsdd.
+deleted after scoring unless `--keep`. `--extra-train MANIFEST` adds clips (never of an FSDD speaker)
+to every fold's training set. FSDD is read from $EARFUL_FSDD or ../shared/data/fsdd.
+
+No speech. Where the recipe trains a no-speech answer (`data.no_speech_clips`), each fold's model
+also hears NONSPEECH_CLIPS generated clips that hold no speech (silence, noise, hum, clicks, tones,
+music; seed NONSPEECH_SEED, which no recipe trains on): `no_speech.refusal_rate` is the share
+answered with `data.no_speech_answer` (by kind too), `speech_refusal_rate` the share of the
+held-out speech that got that answer. Targets: >= 0.95 and < 0.005 on every fold.
 """
 
 from __future__ import annotations
@@ -141,7 +148,7 @@ def run_earful(speaker: str, train_utts: list, test_utts: list, work: Path, extr
 
     model, processor = load_speech_lm(model_dir)
     report = evaluate_asr(model, processor, test_utts, prompt=recipe.data.prompt, batch_size=32)
-    refusal = score_refusal(model, processor, recipe, report, fold_dir) if recipe.data.no_speech_answer else None
+    refusal = score_refusal(model, processor, recipe, report, fold_dir) if recipe.data.no_speech_clips else None
     del model, processor
     gc.collect()
     if not keep:
@@ -150,6 +157,8 @@ def run_earful(speaker: str, train_utts: list, test_utts: list, work: Path, extr
     if report["rejected"]:
         logger.warning("%s: %d held-out clips could not be read: %s", speaker, report["rejected"], report["rejects"][:3])
     errors = [{"id": r["id"], "reference": r["reference"], "hypothesis": r["hypothesis"]} for r in report["utterances"] if not r["correct"]]
+    logger.info("%s: earful accuracy %.4f%s", speaker, report["accuracy"], "" if refusal is None else
+                f", no-speech refused {refusal['refusal_rate']:.3f}, speech refused {refusal['speech_refusal_rate']:.4f}")
     return {"accuracy": report["accuracy"], "wer": report["wer"], "cer": report["cer"], "n": report["n"],
             "train_seconds": summary["train_seconds"], "total_seconds": round(total_seconds, 2), "steps": summary["steps"],
             "final_loss": summary["final_loss"], "eval_seconds": report["seconds"], "rejected": report["rejected"],
@@ -315,6 +324,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="score only N held-out clips, spread over the digits (quick checks)")
     parser.add_argument("--skip-peers", action="store_true", help="run earful only")
     parser.add_argument("--keep", action="store_true", help="keep each fold's trained weights")
+    parser.add_argument("--extra-train", type=Path, metavar="MANIFEST",
+                        help="more training clips for every fold (e.g. `earful data prepare tts-digits --voices many`); never FSDD speakers")
     args = parser.parse_args()
     started = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -337,15 +348,23 @@ def main() -> None:
     except RecipeError as e:
         sys.exit(f"--set: {e}")
     everything = fsdd_utterances(fsdd_dir(), list(SPEAKERS))
+    extra = []
+    if args.extra_train:
+        from earful.data.manifest import read_manifest
+
+        extra = read_manifest(args.extra_train)
+        clash = sorted({u.speaker for u in extra} & set(SPEAKERS))
+        if clash:
+            sys.exit(f"--extra-train: {args.extra_train} holds FSDD speakers ({', '.join(clash)}): a held-out speaker could leak into training")
     peers = {} if args.skip_peers else {"whisper_tiny_zero_shot": WhisperPeer(), "pocketsphinx_grammar": PocketsphinxPeer()}
 
     folds = []
     for speaker in speakers:
         logger.info("fold: %s held out", speaker)
-        train_utts = [u for u in everything if u.speaker != speaker]
+        train_utts = [u for u in everything if u.speaker != speaker] + extra
         clips = [u for u in everything if u.speaker == speaker]
         test_utts = spread(clips, args.limit)
-        fold = {"speaker": speaker, "development": speaker in DEVELOPMENT_SPEAKERS, "train_clips": len(train_utts), "clips": len(clips), "scored_clips": len(test_utts),
+        fold = {"speaker": speaker, "development": speaker in DEVELOPMENT_SPEAKERS, "train_clips": len(train_utts), "extra_train_clips": len(extra), "clips": len(clips), "scored_clips": len(test_utts),
                 "earful": run_earful(speaker, train_utts, test_utts, args.work, args.set, args.keep)}
         if peers:
             waves = [load_audio(u.audio, SAMPLING_RATE) for u in test_utts]
@@ -356,6 +375,7 @@ def main() -> None:
 
     result = {"folds": folds, **summarise(folds, args.skip_peers),
               "recipe": str(RECIPE.relative_to(RECIPE.parents[1])), "overrides": args.set, "limit": args.limit,
+              "extra_train": str(args.extra_train) if args.extra_train else None,
               **footer(started, pocketsphinx=version("pocketsphinx"), jiwer=version("jiwer"),
                        peer_load_seconds={name: round(p.load_seconds, 2) for name, p in peers.items()})}
     write_report(args.out, result)
