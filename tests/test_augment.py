@@ -109,6 +109,25 @@ def test_8k_round_trip_removes_content_above_4_khz(clips):
     assert after[mid].sum() / before[mid].sum() == pytest.approx(1.0, abs=0.02)
 
 
+def test_eq_tilts_the_spectrum_rolls_off_both_ends_and_keeps_the_level(clips):
+    wide = broadband(clips[3])
+    f, before = psd(wide)
+    bright = A.equalize(wide, SR, tilt_db=6.0, highpass_hz=0.0, lowpass_hz=48000.0)
+    _, after = psd(bright)
+    assert A.power(bright) == pytest.approx(A.power(wide), rel=1e-3)  # the level is kept
+    # +6 dB per octave: 2 kHz vs 500 Hz is two octaves, 12 dB more (before the level is restored).
+    ratio = lambda p, hz: p[np.argmin(abs(f - hz))]  # noqa: E731
+    gained = 10 * np.log10((ratio(after, 2000) / ratio(after, 500)) / (ratio(before, 2000) / ratio(before, 500)))
+    assert gained == pytest.approx(12.0, abs=0.5)
+    rolled = A.equalize(wide, SR, tilt_db=0.0, highpass_hz=400.0, lowpass_hz=2000.0)
+    _, cut = psd(rolled)
+    low, high, mid = f < 150, f > 5000, (f > 800) & (f < 1200)
+    assert cut[low].sum() / cut[mid].sum() < 0.05 * before[low].sum() / before[mid].sum()
+    assert cut[high].sum() / cut[mid].sum() < 0.05 * before[high].sum() / before[mid].sum()
+    aug = augmenter(clips, eq={"p": 1.0})
+    assert np.array_equal(aug(clips[0], 0, draw=1), aug(clips[0], 0, draw=1)) and not np.array_equal(aug(clips[0], 0, 1), aug(clips[0], 0, 2))
+
+
 def test_gain_changes_the_level_by_its_db(clips):
     aug = augmenter(clips, gain={"p": 1.0, "db": [-12, 6]})
     [(_, drawn)] = aug.plan(2, draw=5)
@@ -234,7 +253,7 @@ BASE = {"data": {"train": "t.jsonl"}, "model": {"lora": "encoder"}}
     ({"noise": {"snr_db": [30, 5]}}, "data.augment.noise.snr_db: expected [low, high]"),
     ({"noise": {"kinds": ["pink", "purple"]}}, "data.augment.noise.kinds: expected a non-empty list of white, pink, brown, babble, hum, found ['pink', 'purple']"),
     ({"noise": {"snr": 10}}, "data.augment.noise.snr: unknown key (known: p, snr_db, kinds)"),
-    ({"echo": {"p": 0.5}}, "data.augment.echo: unknown key (known: copies, speed, reverb, noise, band, codec, gain, specaugment)"),
+    ({"echo": {"p": 0.5}}, "data.augment.echo: unknown key (known: copies, speed, reverb, noise, eq, band, codec, gain, specaugment)"),
     ({"gain": {"db": "loud"}}, "data.augment.gain.db: expected [low, high] (numbers, low <= high, within [-60, 40]) or one number, found 'loud'"),
     ({"speed": {"factors": [0.3, 1.1]}}, "data.augment.speed.factors: expected [low, high] (numbers, low <= high, within [0.5, 2])"),
     ({"band": {"kinds": []}}, "data.augment.band.kinds: expected a non-empty list of telephone, 8k, found []"),

@@ -8,6 +8,8 @@ augmentations run in this order, as a recording would meet them:
     reverb   the room: convolution with a synthetic impulse response (exponentially decaying noise)
     noise    the room's other sounds: white, pink, brown, babble (other training clips), mains hum,
              added at an SNR drawn from a range (SNR = 10 log10 of clean power / noise power)
+    eq       the microphone: a spectral tilt (dB per octave about 1 kHz) with high- and low-pass
+             roll-offs at drawn corners, level kept (what set FSDD's speakers' recordings apart)
     band     the channel: telephone band (300-3400 Hz) or 8 kHz and back
     codec    the channel: an MP3 or Opus round trip at a low bitrate (ffmpeg, through pipes)
     gain     the level
@@ -72,6 +74,14 @@ class Speed:
 
 
 @dataclass
+class Eq:
+    p: float = 0.5
+    tilt_db: list = field(default_factory=lambda: [-6.0, 6.0])  # dB per octave about 1 kHz (> 0 brighter)
+    highpass_hz: list = field(default_factory=lambda: [20.0, 300.0])  # low roll-off corner (12 dB per octave)
+    lowpass_hz: list = field(default_factory=lambda: [2500.0, 8000.0])  # high roll-off corner (12 dB per octave)
+
+
+@dataclass
 class Band:
     p: float = 0.2
     kinds: list = field(default_factory=lambda: list(BAND_KINDS))  # telephone: 300-3400 Hz; 8k: 8 kHz and back
@@ -101,8 +111,9 @@ class SpecAugment:
 
 
 # In the order the wave augmentations are applied (see the module docstring).
-WAVE_AUGMENTATIONS = {"speed": Speed, "reverb": Reverb, "noise": Noise, "band": Band, "codec": Codec, "gain": Gain}
-_STREAMS = {name: i for i, name in enumerate([*WAVE_AUGMENTATIONS, "specaugment", "copy"])}
+WAVE_AUGMENTATIONS = {"speed": Speed, "reverb": Reverb, "noise": Noise, "eq": Eq, "band": Band, "codec": Codec, "gain": Gain}
+# Each augmentation's random stream; a new one is appended, so the others keep their draws.
+_STREAMS = {name: i for i, name in enumerate(["speed", "reverb", "noise", "band", "codec", "gain", "specaugment", "copy", "eq"])}
 
 
 @dataclass
@@ -113,6 +124,7 @@ class AugmentSpec:
     speed: Speed | None = None
     reverb: Reverb | None = None
     noise: Noise | None = None
+    eq: Eq | None = None
     band: Band | None = None
     codec: Codec | None = None
     gain: Gain | None = None
@@ -170,6 +182,9 @@ _CHECKS = {
     "kbps": _range(6, 320, integer=True),
     "rt60": _range(0.05, 3.0),
     "drr_db": _range(-20, 40),
+    "tilt_db": _range(-24, 24),
+    "highpass_hz": _range(0, 4000),
+    "lowpass_hz": _range(500, 48000),
     "time_masks": _scalar(lambda v: v >= 0, "a whole number >= 0", integer=True),
     "freq_masks": _scalar(lambda v: v >= 0, "a whole number >= 0", integer=True),
     "time_width": _scalar(lambda v: 0 < v < 1, "a share of the clip's frames within (0, 1)"),
@@ -299,6 +314,21 @@ def change_speed(wave: np.ndarray, factor: float, sampling_rate: int) -> np.ndar
 
 def _fit(x: np.ndarray, n: int) -> np.ndarray:
     return x[:n] if len(x) >= n else np.pad(x, (0, n - len(x)))
+
+
+def equalize(wave: np.ndarray, sampling_rate: int, tilt_db: float, highpass_hz: float, lowpass_hz: float) -> np.ndarray:
+    """A microphone's colour, zero-phase: gain `tilt_db` x log2(f / 1 kHz) dB, times second-order
+    (12 dB per octave) high- and low-pass magnitude roll-offs at `highpass_hz` and `lowpass_hz`;
+    the clip's power is kept, so only its spectral shape changes."""
+    n = len(wave)
+    pad = n + sampling_rate // 10  # room for ringing, so it does not wrap round the clip
+    f = np.fft.rfftfreq(pad, 1 / sampling_rate)
+    gain = 10 ** (tilt_db * np.log2(np.maximum(f, 20.0) / 1000.0) / 20)
+    gain /= np.sqrt(1 + (highpass_hz / np.maximum(f, 1e-3)) ** 4) if highpass_hz > 0 else 1.0
+    gain /= np.sqrt(1 + (f / lowpass_hz) ** 4)
+    y = np.fft.irfft(np.fft.rfft(wave, pad) * gain, pad)[:n]
+    before, after = power(wave), power(y)
+    return (y * math.sqrt(before / after) if after > 0 else y).astype(np.float32)
 
 
 def band_limit(wave: np.ndarray, sampling_rate: int, kind: str) -> np.ndarray:
@@ -431,6 +461,9 @@ class Augmenter:
                 if params["kind"] == "babble":
                     others = rng.choice(self.n_clips - 1, size=min(int(rng.integers(3, 6)), self.n_clips - 1), replace=False)
                     params["talkers"] = [int(j) + (j >= index % self.n_clips) for j in others]  # never the clip itself
+            elif name == "eq":
+                params = {"tilt_db": rng.uniform(*a.tilt_db), "highpass_hz": rng.uniform(*a.highpass_hz),
+                          "lowpass_hz": rng.uniform(*a.lowpass_hz)}
             elif name == "band":
                 params = {"kind": str(rng.choice(a.kinds))}
             elif name == "codec":
@@ -461,6 +494,8 @@ class Augmenter:
                 else:
                     noise = colored_noise(len(wave), q["kind"], rng)
                 wave = add_noise(wave, noise, q["snr_db"])
+            elif name == "eq":
+                wave = equalize(wave, sr, q["tilt_db"], q["highpass_hz"], q["lowpass_hz"])
             elif name == "band":
                 wave = band_limit(wave, sr, q["kind"])
             elif name == "codec":
