@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from conftest import DIGITS_STEPS, FSDD_REC
+from conftest import DIGITS_STEPS, FSDD_REC, ROOT
 
 from earful.data.manifest import read_manifest, write_manifest
 
@@ -48,3 +48,22 @@ def test_digits_recipe_end_to_end(digits_model, tmp_path):
     assert r.returncode == 0 and r.stdout.startswith(f"{clip}\t"), r.stderr[-2000:]
     r = run_cli("chat", "--model", out, "--audio", clip, "--prompt", "What number is spoken here? <|audio|>", "--max-new-tokens", "8")
     assert r.returncode == 0 and r.stdout.strip(), r.stderr[-2000:]
+
+
+def test_the_digits_model_answers_no_speech_to_what_is_not_speech(digits_model, tmp_path):
+    """recipes/digits.yaml trains a fixed answer for clips without speech (data.no_speech_clips):
+    the session's short run gives it to unseen silence, noise, hum, clicks, tones and music (a seed
+    it never trained on), and not to speech."""
+    from earful.data.nonspeech import KINDS, make_nonspeech
+    from earful.train.recipe import load_recipe
+
+    out, *_ = digits_model
+    answer = load_recipe(ROOT / "recipes" / "digits.yaml").data.no_speech_answer
+    clips = make_nonspeech(tmp_path / "nonspeech", 2 * len(KINDS), seed=12345)
+    speech = [FSDD_REC / f"{d}_yweweler_{d + 3}.wav" for d in range(0, 10, 3)]
+    r = run_cli("transcribe", "--model", out, *[u.audio for u in clips], *speech)
+    assert r.returncode == 0, r.stderr[-2000:]
+    said = dict(line.split("\t", 1) for line in r.stdout.splitlines())
+    refused = [u.id for u in clips if said[u.audio].strip() == answer]
+    assert len(refused) >= len(clips) - 2, {u.id: said[u.audio] for u in clips}
+    assert not [p for p in speech if said[str(p)].strip() == answer], said

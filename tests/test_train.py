@@ -56,7 +56,8 @@ def recipe_args(tiny_parts, manifests, **train):
     enc, llm = tiny_parts
     # The trainer's mechanics on digits.yaml's layout, with the encoder frozen whole (outputs cached): no encoder LoRA.
     sets = [f"model.encoder={enc}", f"model.llm={llm}", "model.stack_factor=2", "model.projector_hidden_size=64", "model.lora=null",
-            f"data.train={manifests[0]}", f"data.eval={manifests[1]}", "train.batch_size=8", "train.warmup_steps=2"]
+            f"data.train={manifests[0]}", f"data.eval={manifests[1]}", "train.batch_size=8", "train.warmup_steps=2",
+            "data.no_speech_clips=0"]  # the mechanics on the manifests alone (no-speech clips: tests/test_nonspeech.py)
     sets += [f"train.{k}={v}" for k, v in train.items()]
     return ["--set", *sets]
 
