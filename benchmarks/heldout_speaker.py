@@ -65,8 +65,9 @@ SPEAKERS = ("george", "jackson", "lucas", "nicolas", "yweweler")
 DEFAULT_FOLDS = "all"
 # Folds whose scores were read to choose recipes/digits.yaml (what was kept, what was reverted).
 DEVELOPMENT_SPEAKERS = {
-    "yweweler": "chose encoder LoRA + utterance normalisation; a 300-step recipe was reverted because this fold fell",
-    "nicolas": "the 300-step recipe and the ablations were read on this fold too",
+    "yweweler": "chose encoder LoRA + utterance normalisation, reverted a 300-step recipe; this round: no-speech clips kept, "
+                "augmentation, more voices, silence padding and a frozen encoder left out (benchmarks/results/digits_ablation.json)",
+    "nicolas": "the 300-step recipe and every ablation of both rounds were read on this fold too",
 }
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "digits.yaml"
 WHISPER_SPEC = "bundled:whisper-tiny.en"
