@@ -57,9 +57,8 @@ from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from heldout_speaker import DEVELOPMENT_SPEAKERS, SAMPLING_RATE, SPEAKERS, WHISPER_SPEC, fsdd_dir, parse_folds
+from heldout_speaker import DEVELOPMENT_SPEAKERS, SAMPLING_RATE, SPEAKERS, PocketsphinxPeer, WhisperPeer, fsdd_dir, parse_folds
 from reporting import footer, write_report
 
 logger = logging.getLogger("digit_strings")
@@ -153,58 +152,14 @@ def run_earful(speaker: str, train_utts: list, test_utts: list, work: Path, extr
 
 
 # -- peers -------------------------------------------------------------------------------------
-class WhisperPeer:
-    """Whisper tiny.en as plain ASR: 30 s padded features, greedy decoding, no training."""
-
-    def __init__(self, batch_size: int = 16):
-        from transformers import WhisperForConditionalGeneration, WhisperProcessor
-
-        from earful.pretrained import resolve
-
-        start = time.perf_counter()
-        folder = resolve(WHISPER_SPEC)
-        self.model = WhisperForConditionalGeneration.from_pretrained(folder).eval()
-        self.processor = WhisperProcessor.from_pretrained(folder)
-        self.batch_size = batch_size
-        self.load_seconds = time.perf_counter() - start
-
-    @torch.no_grad()
-    def transcribe(self, waves: list[np.ndarray]) -> list[str]:
-        from tqdm.auto import tqdm
-
-        texts = []
-        for i in tqdm(range(0, len(waves), self.batch_size), desc="whisper tiny.en zero-shot", unit="batch", leave=False):
-            features = self.processor(waves[i : i + self.batch_size], sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
-            out = self.model.generate(features, max_new_tokens=MAX_NEW_TOKENS)
-            texts.extend(self.processor.batch_decode(out, skip_special_tokens=True))
-        return texts
+def whisper_peer() -> WhisperPeer:
+    """heldout_speaker's Whisper tiny.en peer, with room for a 7-digit string."""
+    return WhisperPeer(max_new_tokens=MAX_NEW_TOKENS)
 
 
-class PocketsphinxPeer:
-    """pocketsphinx's default English model, searching a digit-loop JSGF grammar (`<digit>+`)."""
-
-    def __init__(self):
-        import pocketsphinx
-
-        start = time.perf_counter()
-        self.decoder = pocketsphinx.Decoder(samprate=SAMPLING_RATE, loglevel="FATAL")
-        self.decoder.add_jsgf_string("digit_strings", DIGIT_LOOP_GRAMMAR)
-        self.decoder.activate_search("digit_strings")
-        self.load_seconds = time.perf_counter() - start
-
-    def transcribe(self, waves: list[np.ndarray]) -> list[str]:
-        from tqdm.auto import tqdm
-
-        pad = np.zeros(int(0.3 * SAMPLING_RATE), dtype=np.float32)  # as heldout_speaker.py pads single digits
-        texts = []
-        for wave in tqdm(waves, desc="pocketsphinx digit loop", unit="string", leave=False):
-            pcm = (np.clip(np.concatenate([pad, wave, pad]), -1.0, 1.0) * 32767).astype(np.int16).tobytes()
-            self.decoder.start_utt()
-            self.decoder.process_raw(pcm, full_utt=True)
-            self.decoder.end_utt()
-            hyp = self.decoder.hyp()
-            texts.append(hyp.hypstr if hyp is not None else "")
-        return texts
+def pocketsphinx_peer() -> PocketsphinxPeer:
+    """heldout_speaker's pocketsphinx peer on a digit-loop grammar (`<digit>+`)."""
+    return PocketsphinxPeer(DIGIT_LOOP_GRAMMAR, "digit_strings", "pocketsphinx digit loop", "string")
 
 
 def run_peer(peer, utterances: list, waves: list[np.ndarray]) -> dict:
@@ -318,7 +273,7 @@ def main() -> None:
     train_pool = prepare(folder, args.work / "strings" / "train.jsonl", train_speakers, args.count, TRAIN_SEED)
     test_pool = prepare(folder, args.work / "strings" / "test.jsonl", speakers, args.test_count, TEST_SEED)
     digits = fsdd_utterances(folder, train_speakers) if args.with_digits else []
-    peers = {} if args.skip_peers else {"whisper_tiny_zero_shot": WhisperPeer(), "pocketsphinx_grammar": PocketsphinxPeer()}
+    peers = {} if args.skip_peers else {"whisper_tiny_zero_shot": whisper_peer(), "pocketsphinx_grammar": pocketsphinx_peer()}
 
     folds = []
     for speaker in speakers:

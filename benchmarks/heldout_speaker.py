@@ -193,7 +193,7 @@ def score_refusal(model, processor, recipe, speech_report: dict, fold_dir: Path)
 class WhisperPeer:
     """Whisper tiny.en as plain ASR: 30 s padded features, greedy decoding, no training."""
 
-    def __init__(self, batch_size: int = 16):
+    def __init__(self, batch_size: int = 16, max_new_tokens: int = 16):
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
         from earful.pretrained import resolve
@@ -202,7 +202,7 @@ class WhisperPeer:
         folder = resolve(WHISPER_SPEC)
         self.model = WhisperForConditionalGeneration.from_pretrained(folder).eval()
         self.processor = WhisperProcessor.from_pretrained(folder)
-        self.batch_size = batch_size
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.load_seconds = time.perf_counter() - start
 
     @torch.no_grad()
@@ -212,21 +212,22 @@ class WhisperPeer:
         texts = []
         for i in tqdm(range(0, len(waves), self.batch_size), desc="whisper tiny.en zero-shot", unit="batch", leave=False):
             features = self.processor(waves[i : i + self.batch_size], sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
-            out = self.model.generate(features, max_new_tokens=16)
+            out = self.model.generate(features, max_new_tokens=self.max_new_tokens)
             texts.extend(self.processor.batch_decode(out, skip_special_tokens=True))
         return texts
 
 
 class PocketsphinxPeer:
-    """pocketsphinx's default English model, searching a one-digit JSGF grammar."""
+    """pocketsphinx's default English model, searching a JSGF grammar (default: exactly one digit word)."""
 
-    def __init__(self):
+    def __init__(self, grammar: str = DIGIT_GRAMMAR, search: str = "digits", desc: str = "pocketsphinx grammar", unit: str = "clip"):
         import pocketsphinx
 
         start = time.perf_counter()
         self.decoder = pocketsphinx.Decoder(samprate=SAMPLING_RATE, loglevel="FATAL")
-        self.decoder.add_jsgf_string("digits", DIGIT_GRAMMAR)
-        self.decoder.activate_search("digits")
+        self.decoder.add_jsgf_string(search, grammar)
+        self.decoder.activate_search(search)
+        self.desc, self.unit = desc, unit
         self.load_seconds = time.perf_counter() - start
 
     def transcribe(self, waves: list[np.ndarray]) -> list[str]:
@@ -235,7 +236,7 @@ class PocketsphinxPeer:
         # Clips are trimmed tight; the silence lets the recogniser settle in and out of the word.
         pad = np.zeros(int(0.3 * SAMPLING_RATE), dtype=np.float32)
         texts = []
-        for wave in tqdm(waves, desc="pocketsphinx grammar", unit="clip", leave=False):
+        for wave in tqdm(waves, desc=self.desc, unit=self.unit, leave=False):
             pcm = (np.clip(np.concatenate([pad, wave, pad]), -1.0, 1.0) * 32767).astype(np.int16).tobytes()
             self.decoder.start_utt()
             self.decoder.process_raw(pcm, full_utt=True)
