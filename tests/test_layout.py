@@ -22,6 +22,7 @@ STAGES = {
     "models": 3,
     "tokenizers": 4,
     "data": 5,
+    "vocoders": 5.5,  # units -> audio: uses data.synth's Piper voice; eval and serve speak through it
     "train": 6, "eval": 6,
     "serve": 7,
     "cli": 8,
