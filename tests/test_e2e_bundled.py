@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import soundfile as sf
 
 from conftest import DIGITS_STEPS, FSDD_REC, ROOT
 
@@ -46,8 +47,12 @@ def test_digits_recipe_end_to_end(digits_model, tmp_path):
     clip = FSDD_REC / "4_yweweler_30.wav"
     r = run_cli("transcribe", "--model", out, clip)
     assert r.returncode == 0 and r.stdout.startswith(f"{clip}\t"), r.stderr[-2000:]
-    r = run_cli("chat", "--model", out, "--audio", clip, "--prompt", "What number is spoken here? <|audio|>", "--max-new-tokens", "8")
+    spoken = tmp_path / "answer.wav"
+    r = run_cli("chat", "--model", out, "--audio", clip, "--prompt", "What number is spoken here? <|audio|>", "--max-new-tokens", "8",
+                "--speak-to", spoken)
     assert r.returncode == 0 and r.stdout.strip(), r.stderr[-2000:]
+    wave, sr = sf.read(spoken, dtype="float32")  # the answer read out by the default voice
+    assert sr == 22050 and len(wave) > 0.2 * sr and f"wrote {spoken}" in r.stderr
 
 
 def test_the_digits_model_answers_no_speech_to_what_is_not_speech(digits_model, tmp_path):

@@ -136,6 +136,11 @@ def test_a_bad_number_is_one_line_and_exit_2(tmp_path, argv, option, says):
     assert len(lines) == 1 and lines[0].startswith("error: earful ") and f"argument {option}: {says}" in lines[0], r.stderr
 
 
+def test_a_voice_nobody_has_is_one_line_before_the_model_loads(capsys):
+    code, err = _main(capsys, "chat", "--model", "M", "--audio", "a.wav", "--speak-to", "x.wav", "--voice", "nobody:x")
+    assert code == 2 and err.startswith("error: no voice 'nobody:x'") and "piper:joe" in err and len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("argv", [
     ["transcribe", "--model", "M", "a.wav", "--prompt", "What is said?"],
     ["eval", "asr", "--model", "M", "--data", "d.jsonl", "--out", "o.json", "--prompt", "<|audio|> and <|audio|>"],

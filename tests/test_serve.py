@@ -47,6 +47,7 @@ MODEL = "digits"
 # Recordings of the speakers the session's model was trained on.
 CLIPS = ["7_jackson_5.wav", "2_lucas_10.wav", "9_jackson_20.wav", "0_lucas_3.wav"]
 PROMPT = "Transcribe the audio:"
+VOICE = "piper:joe@noise0,w0"  # the server reads answers out with it when asked (a cascade)
 
 
 def b64(path: Path) -> str:
@@ -94,7 +95,7 @@ def server(digits_model, tmp_path_factory):
     with open(log, "wb") as f:
         proc = subprocess.Popen([sys.executable, "-m", "earful", "serve", "--model", str(out), "--name", MODEL, "--port", str(port),
                                  "--max-upload-mb", "2", "--max-audio-seconds", "5", "--max-request-audio-seconds", "8",
-                                 "--max-clips", "3", "--read-timeout", "3"], env=env, stdout=f, stderr=subprocess.STDOUT)
+                                 "--max-clips", "3", "--read-timeout", "3", "--voice", VOICE], env=env, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while True:
@@ -174,6 +175,83 @@ def test_openai_client_streaming_matches_the_whole_answer(server):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
     assert chunks[-1].usage == whole.usage
+
+
+def _heard(wave: np.ndarray, sampling_rate: int) -> str:
+    """What Whisper tiny.en hears in an answer's audio, as digit words ("7." -> "seven")."""
+    from earful.audio import resample
+    from earful.eval.asr import normalize_digit_words
+    from earful.eval.generation import transcribe_whisper
+
+    return normalize_digit_words(transcribe_whisper([resample(wave, sampling_rate, 16000)])[0])
+
+
+def test_openai_client_gets_the_answer_spoken(server, reference):
+    """A spoken digit in, `message.audio` out (the text read out by the server's voice): Whisper hears the answer.
+
+    Whisper tiny.en hears 6 of Piper's 10 isolated digit words right (it hears "zero" as "tiro",
+    "two" as "dude", "five" as "bye", "eight" as "hey"): the clips here say seven, nine and six,
+    words it hears.
+    """
+    from earful.eval.asr import normalize_digit_words
+
+    client = server.openai()
+    for name in (CLIPS[0], CLIPS[2]):
+        said = reference_answer(reference, ("user", None, name)).text
+        r = client.chat.completions.create(model=MODEL, modalities=["text", "audio"], audio={"voice": VOICE, "format": "wav"},
+                                           messages=[{"role": "user", "content": [audio_part(FSDD_REC / name)]}])
+        message = r.choices[0].message
+        assert message.content is None and message.audio.transcript == said
+        wave, sr = sf.read(io.BytesIO(base64.b64decode(message.audio.data)), dtype="float32")
+        assert sr == 22050 and 0.2 < len(wave) / sr < 5
+        assert _heard(wave, sr) == normalize_digit_words(said)  # a digit word: WER 0
+    # The spoken answer goes back as a turn by its id, as OpenAI's clients send it.
+    follow = [{"role": "user", "content": [{"type": "text", "text": PROMPT}, audio_part(FSDD_REC / name)]},
+              {"role": "assistant", "audio": {"id": message.audio.id}},
+              {"role": "user", "content": [{"type": "text", "text": PROMPT}, audio_part(FSDD_REC / CLIPS[1])]}]
+    answer = client.chat.completions.create(model=MODEL, messages=follow).choices[0].message.content
+    assert answer == reference_answer(reference, ("user", PROMPT, name), ("assistant", said, None), ("user", PROMPT, CLIPS[1])).text
+    with server.http() as http:
+        follow[1]["audio"]["id"] = "audio_never_made"
+        _error(http.post("/v1/chat/completions", json={"model": MODEL, "messages": follow}), 400, "messages[1].audio.id", "remembers")
+
+
+def test_openai_client_streams_the_spoken_answer(server, reference):
+    """stream + pcm16: transcript pieces and audio chunks as they are made, as OpenAI streams audio."""
+    from earful.eval.asr import normalize_digit_words
+
+    client = server.openai()
+    name = "6_jackson_12.wav"
+    said = reference_answer(reference, ("user", None, name)).text
+    chunks = list(client.chat.completions.create(model=MODEL, modalities=["text", "audio"], audio={"voice": VOICE, "format": "pcm16"},
+                                                 messages=[{"role": "user", "content": [audio_part(FSDD_REC / name)]}], stream=True))
+    audio = [c.choices[0].delta.audio for c in chunks if c.choices and c.choices[0].delta.audio]
+    assert "".join(a.transcript or "" for a in audio) == said
+    data = [a.data for a in audio if a.data]
+    assert data and len({a.id for a in audio}) == 1 and audio[-1].expires_at > time.time()
+    pcm = np.frombuffer(b"".join(base64.b64decode(d) for d in data), "<i2").astype(np.float32) / 32768
+    assert _heard(pcm, 24000) == normalize_digit_words(said)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"audio": {"format": "mp3"}}, "audio.format"),
+    ({"audio": {"format": "wav"}, "stream": True}, "when streaming"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "alloy"),
+])
+def test_a_spoken_answer_asked_wrongly_is_a_400_naming_the_field(server, body, needle):
+    with server.http() as http:
+        err = _error(http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                                             "modalities": ["text", "audio"], **body}), 400, needle)
+        assert err["param"] == "audio"
+
+
+def test_without_a_voice_a_listening_model_answers_in_text_only():
+    from earful.serve.app import ApiError, parse_chat_request
+
+    with pytest.raises(ApiError, match="text only") as e:
+        parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "hi"}], "modalities": ["text", "audio"]}, "m")
+    assert e.value.param == "modalities"
 
 
 def test_multi_turn_conversation(server, reference):
@@ -258,7 +336,6 @@ def test_malformed_requests_are_400_and_say_what_is_wrong(server, tmp_path):
         _error(http.post("/v1/chat/completions", json=chat([{"type": "input_audio", "input_audio": {"data": "", "format": "aiff"}}])), 400, "format")
         _error(http.post("/v1/chat/completions", json=chat([{"type": "image_url", "image_url": {"url": "x"}}])), 400, "image_url")
         _error(http.post("/v1/chat/completions", json=chat("say <|audio|>")), 400, "reserved")
-        _error(http.post("/v1/chat/completions", json=chat("hi", modalities=["text", "audio"])), 400, "text only")
         _error(http.post("/v1/chat/completions", json=chat("hi", max_tokens=0)), 400, "max_tokens")
         _error(http.post("/v1/audio/transcriptions", data={"model": MODEL}), 400, "file")
         _error(http.post("/v1/audio/transcriptions", data={"model": MODEL}, files={"file": ("../../etc/passwd", b"root:x:0:0")}), 400, "'passwd'")
@@ -622,6 +699,8 @@ def test_gradio_ui_in_headless_chromium(server, reference):
             expect(page.locator("#earful-send")).to_be_enabled(timeout=60_000)
             page.wait_for_timeout(500)  # the last streamed piece
             answer = bot.inner_text()
+            # The server has a voice: the answer is also played, read out by it.
+            expect(page.locator("#earful-spoken audio[src]").first).to_be_attached(timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "serve_ui.png"), full_page=True)
         finally:
             browser.close()
@@ -629,11 +708,15 @@ def test_gradio_ui_in_headless_chromium(server, reference):
 
 
 # -- Python ---------------------------------------------------------------------------------------
-def test_earful_load_in_python(reference):
+def test_earful_load_in_python(reference, tmp_path):
     lm = reference  # earful.load() of the served model
     name = CLIPS[2]
     said = lm.transcribe(FSDD_REC / name)
     assert said == reference_answer(lm, ("user", None, name), max_new_tokens=64).text
+    spoken = lm.chat(audio=FSDD_REC / name, audio_out=True)  # read out by the default voice
+    assert spoken.text == said and spoken.voice == VOICE and len(spoken.audio) > 0.2 * spoken.sampling_rate
+    wave, sr = sf.read(spoken.save(tmp_path / "answer.wav"), dtype="float32")
+    assert sr == spoken.sampling_rate and np.abs(wave - spoken.audio).max() < 1e-4
     assert lm.transcribe(str(FSDD_REC / name)) == said  # a str is a file path here
     assert lm.transcribe((FSDD_REC / name).read_bytes()) == said
     wave, sr = sf.read(FSDD_REC / name, dtype="float32")

@@ -120,13 +120,18 @@ def transcribe(files: Annotated[list[str], Arg(metavar="FILE")], *, model: str, 
 
 @verb("chat")
 def chat(*, model: str, audio: str, prompt: str | None = None, max_new_tokens: Count = 128, sample: bool = False,
-         temperature: Positive = 0.7, num_beams: Count = 1) -> int:
+         temperature: Positive = 0.7, num_beams: Count = 1, speak_to: str | None = None, voice: str = "piper:joe@noise0,w0") -> int:
     """Answer a prompt about one audio clip. The prompt may place <|audio|>; otherwise audio comes first.
+
+    With --speak-to answer.wav the answer is also read out by --voice (a cascade: the model's
+    text, spoken by an offline voice) into that WAV.
 
     Args:
         prompt: what to ask (default: transcribe)
         sample: sample instead of greedy/beam decoding
         temperature: with --sample (default 0.7)
+        speak_to: also write the answer, spoken, to this WAV file
+        voice: the offline voice for --speak-to (piper:joe, espeak:en-gb-scotland+m3, kokoro:jm_kumo, ...)
     """
     from ..eval.asr import generate_text
     from ..models.build import load_speech_lm
@@ -134,25 +139,41 @@ def chat(*, model: str, audio: str, prompt: str | None = None, max_new_tokens: C
 
     if prompt is not None and prompt.count(AUDIO_TOKEN) > 1:
         raise UsageError(f"--prompt: one clip, so at most one {AUDIO_TOKEN}; found {prompt.count(AUDIO_TOKEN)} in {prompt!r}")
+    speaker = None
+    if speak_to:  # a bad voice name fails before the model loads
+        from ..serve.speech_out import AnswerVoice
+
+        speaker = AnswerVoice(voice)
     waves, _, failures = load_clips([audio], front=audio_front(model))
     if failures:
         return 1
     lm, processor = load_speech_lm(model)
     text = place_audio(prompt or processor.prompt_format.default_prompt)
     kwargs = {"do_sample": True, "temperature": temperature} if sample else {"num_beams": num_beams}
-    print(generate_text(lm, processor, waves, text, max_new_tokens=max_new_tokens, **kwargs)[0])
+    answer = generate_text(lm, processor, waves, text, max_new_tokens=max_new_tokens, **kwargs)[0]
+    print(answer)
+    if speaker is not None:
+        from ..serve.engine import SpokenAnswer
+
+        spoken = SpokenAnswer(answer, speaker.speak(answer), speaker.sampling_rate, speaker.name)
+        spoken.save(speak_to)
+        print(f"wrote {speak_to}: the answer read out by {speaker.name} ({len(spoken.audio) / spoken.sampling_rate:.1f} s)",
+              file=sys.stderr)
     return 0
 
 
 @verb("serve")
 def serve(*, model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, name: str | None = None,
           max_upload_mb: float = 25.0, max_audio_seconds: float = 120.0, max_batch_size: int = 8, max_queue: int = 64,
-          max_request_audio_seconds: float = 120.0, max_clips: int = 8, read_timeout: float = 15.0, ui: bool = True) -> int:
+          max_request_audio_seconds: float = 120.0, max_clips: int = 8, read_timeout: float = 15.0, ui: bool = True,
+          voice: str | None = None) -> int:
     """Serve a trained model over an OpenAI-compatible HTTP API, with a Gradio voice UI on /ui.
 
     Routes: POST /v1/chat/completions (input_audio content parts, stream), POST
     /v1/audio/transcriptions, GET /v1/models, GET /health. A units LM with a codec tokenizer
-    answers in speech (modalities ["text", "audio"]). With --api-key (or EARFUL_API_KEY)
+    answers in speech (modalities ["text", "audio"]). With --voice, a listening LM's answers
+    can be read out too (a cascade: its text, spoken by an offline voice), whole as a WAV or
+    streamed sentence by sentence as pcm16, as OpenAI's audio output. With --api-key (or EARFUL_API_KEY)
     the API wants 'Authorization: Bearer KEY' and the UI asks for the key as its password.
     Past --max-queue waiting requests the API answers 429 with Retry-After; a body that sends
     nothing for --read-timeout seconds gets a 408. The address is bound before the model loads,
@@ -171,6 +192,7 @@ def serve(*, model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str
         max_clips: audio clips in one request (default 8)
         read_timeout: seconds a request body may send nothing before a 408 (default 15)
         ui: don't mount the Gradio UI on /ui
+        voice: read a listening LM's answers out with this offline voice when asked (piper:joe, espeak:en-gb-scotland+m3, kokoro:jm_kumo, ...)
     """
     import errno
     import os
@@ -202,7 +224,7 @@ def serve(*, model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str
     api_key = api_key or os.environ.get("EARFUL_API_KEY") or None
     try:
         lm = load(model, name=name, max_batch_size=max_batch_size, max_audio_seconds=max_audio_seconds, max_queue=max_queue,
-                  max_request_audio_seconds=max_request_audio_seconds, max_clips=max_clips)
+                  max_request_audio_seconds=max_request_audio_seconds, max_clips=max_clips, **({"voice": voice} if voice else {}))
         app = create_app(lm, api_key=api_key, max_upload_bytes=int(max_upload_mb * 1024 * 1024), read_timeout_s=read_timeout, ui=ui)
     except BaseException:
         sock.close()

@@ -1,5 +1,5 @@
 """Serving: `earful.load(DIR)` (engine), the OpenAI-compatible API (app) and the Gradio UI (ui)."""
 
-from .engine import DecodingOptions, Generation, RequestError, ServerBusy, SpeakingLM, SpeechLM, load
+from .engine import DecodingOptions, Generation, RequestError, ServerBusy, SpeakingLM, SpeechLM, SpokenAnswer, load
 
-__all__ = ["DecodingOptions", "Generation", "RequestError", "ServerBusy", "SpeakingLM", "SpeechLM", "load"]
+__all__ = ["DecodingOptions", "Generation", "RequestError", "ServerBusy", "SpeakingLM", "SpeechLM", "SpokenAnswer", "load"]

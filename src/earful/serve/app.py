@@ -24,7 +24,10 @@ import logging
 import math
 import time
 import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import PurePath
+from typing import Callable
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -37,6 +40,7 @@ from starlette.requests import ClientDisconnect
 from ..audio import AudioError
 from ..eval.longform import Transcript, compression_ratio, short_transcript, to_srt, to_vtt
 from .engine import MAX_STOP_SEQUENCES, DecodingOptions, RequestError, ServerBusy, SpeakingLM, SpeechLM
+from .speech_out import next_cut, pcm16_bytes, wav_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +53,7 @@ DEFAULT_READ_TIMEOUT_S = 15.0  # a body that sends nothing for this long gets a 
 DRAIN_MAX_BYTES = 256 * 1024 * 1024
 DRAIN_MAX_SECONDS = 10.0
 MAX_JSON_DEPTH = 32  # a chat request needs 6 levels; deeper is refused before anything walks it
+SPOKEN_KEEP_S = 3600  # how long a spoken answer's id can be sent back as a turn (OpenAI's expires_at)
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 # Options that would change the answer, which this server cannot honour: refused, not ignored.
 # name -> the values that mean "not used".
@@ -216,12 +221,26 @@ def _number(body: dict, name: str, default: float, low: float, high: float, low_
     return value
 
 
-def parse_chat_request(body: object, model_name: str, speaks: bool = False,
-                       max_clips: int | None = None) -> tuple[list[dict], DecodingOptions, bool, bool]:
-    """OpenAI chat-completion JSON -> (engine messages, options, stream, include_usage).
+@dataclass
+class ChatRequest:
+    messages: list[dict]  # the engine's messages
+    options: DecodingOptions
+    stream: bool
+    include_usage: bool
+    audio_format: str | None = None  # "wav" or "pcm16" when the answer is asked for in audio too
 
-    `speaks`: the model answers in audio (a units LM with a codec), which must be asked for with
-    `modalities: ["text", "audio"]` and `audio: {"format": "wav"}`, as OpenAI's audio output is.
+
+def parse_chat_request(body: object, model_name: str, speaks: bool = False, max_clips: int | None = None,
+                       voice: str | None = None, recall: Callable[[str], str | None] | None = None) -> ChatRequest:
+    """OpenAI chat-completion JSON -> a `ChatRequest`.
+
+    `speaks`: the model answers in audio only (a units LM with a codec), which must be asked for
+    with `modalities: ["text", "audio"]` and `audio: {"format": "wav"}`, as OpenAI's audio output is.
+    `voice`: a listening LM's answers may also be read out by this voice (a cascade), when asked
+    with `modalities: ["text", "audio"]`: `audio.format` "wav" whole, "pcm16" (24 kHz) whole or
+    streamed, as OpenAI streams audio; `audio.voice` must be absent or this voice.
+    `recall`: the transcript of an earlier spoken answer by its `audio.id`, for assistant turns
+    that carry `{"audio": {"id": ...}}` instead of content.
     `max_clips`: more input_audio parts than this are refused before any is decoded.
     """
     if not isinstance(body, dict):
@@ -236,17 +255,27 @@ def parse_chat_request(body: object, model_name: str, speaks: bool = False,
     modalities = _typed(body, "modalities", list, 'a list such as ["text"]', ["text"])
     if not all(m in ("text", "audio") for m in modalities):
         raise ApiError(400, f'modalities: expected "text" and/or "audio", got {_show(modalities)}', param="modalities")
-    if "audio" in modalities and not speaks:
-        raise ApiError(400, f"modalities: {model_name} is a listening model and answers in text only", param="modalities")
-    if speaks:
-        if "audio" not in modalities:
-            raise ApiError(400, f'modalities: {model_name} answers in speech; ask with "modalities": ["text", "audio"]', param="modalities")
-        fmt = _typed(body, "audio", dict, 'an object such as {"format": "wav"}', {}).get("format", "wav")
-        if fmt != "wav":
-            raise ApiError(400, f"audio.format: {_show(fmt)} is not supported; this server speaks wav", param="audio")
+    if "audio" in modalities and not speaks and voice is None:
+        raise ApiError(400, f"modalities: {model_name} is a listening model and answers in text only "
+                            "(a server started with --voice reads its answers out)", param="modalities")
+    if speaks and "audio" not in modalities:
+        raise ApiError(400, f'modalities: {model_name} answers in speech; ask with "modalities": ["text", "audio"]', param="modalities")
+    stream = _typed(body, "stream", bool, "true or false", False)
+    audio_format = None
+    if "audio" in modalities:
+        audio = _typed(body, "audio", dict, 'an object such as {"format": "wav"}', {})
+        audio_format = audio.get("format", "pcm16" if stream and voice else "wav")
+        formats = ("wav",) if speaks else ("pcm16",) if stream else ("wav", "pcm16")
+        if audio_format not in formats:
+            raise ApiError(400, f"audio.format: {_show(audio_format)} is not supported{' when streaming' if stream and voice else ''}; "
+                                f"this server speaks {' or '.join(formats)}", param="audio")
+        asked = audio.get("voice")
+        if voice is not None and asked is not None and asked != voice:
+            raise ApiError(400, f"audio.voice: {_show(asked)} is not a voice of this server; it speaks with {voice!r}", param="audio")
+    elif "audio" in body and body["audio"] is not None:
+        raise ApiError(400, 'audio: only with "modalities": ["text", "audio"]', param="audio")
     if _integer(body, "n", 1) != 1:
         raise ApiError(400, "n: only one choice per request is supported", param="n")
-    stream = _typed(body, "stream", bool, "true or false", False)
     stream_options = _typed(body, "stream_options", dict, 'an object such as {"include_usage": true}')
     if stream_options is not None and not stream:
         raise ApiError(400, "stream_options: only allowed when stream is true", param="stream_options")
@@ -266,6 +295,13 @@ def parse_chat_request(body: object, model_name: str, speaks: bool = False,
         if role not in ("system", "user", "assistant"):
             raise ApiError(400, f"messages[{i}].role: expected system, developer, user or assistant, got {_show(role)}",
                            param=f"messages[{i}].role")
+        if role == "assistant" and content is None and isinstance(m.get("audio"), dict):
+            said = recall(m["audio"].get("id")) if recall is not None and isinstance(m["audio"].get("id"), str) else None
+            if said is None:
+                raise ApiError(400, f"messages[{i}].audio.id: {_show(m['audio'].get('id'))} is no spoken answer this server "
+                                    "remembers (unknown, or over an hour old); send the answer's text as content",
+                               param=f"messages[{i}].audio")
+            content = said
         if isinstance(content, str):
             out.append({"role": role, "content": content})
             continue
@@ -298,7 +334,7 @@ def parse_chat_request(body: object, model_name: str, speaks: bool = False,
         )
     except RequestError as e:  # what the app's checks leave to the engine's (a stop sequence's length)
         raise ApiError(400, str(e)) from None
-    return out, options, stream, include_usage
+    return ChatRequest(out, options, stream, include_usage, audio_format)
 
 
 def _audio_part(audio: object, where: str) -> bytes:
@@ -389,24 +425,31 @@ def create_app(lm: SpeechLM | SpeakingLM, *, api_key: str | None = None, max_upl
         _check_model(model_id, lm.name)
         return model_card()
 
+    spoken = SpokenAnswers()
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
         body = parse_json_body(await request.body())
         if isinstance(lm, SpeakingLM):
             return await _speak(lm, body)
-        messages, options, stream, include_usage = parse_chat_request(body, lm.name, max_clips=lm.max_clips)
-        future, pieces = await run_in_threadpool(lm.submit, messages, options, stream)
+        chat = parse_chat_request(body, lm.name, max_clips=lm.max_clips, voice=lm.voice.name if lm.voice else None,
+                                  recall=spoken.recall)
+        future, pieces = await run_in_threadpool(lm.submit, chat.messages, chat.options, chat.stream)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if not stream:
-            g = await _answer_of(request, future)
-            return {
-                "id": cid, "object": "chat.completion", "created": created, "model": lm.name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text, "refusal": None}, "finish_reason": g.finish_reason}],
-                "usage": _usage(g),
-            }
-        return StreamingResponse(_sse(cid, created, lm.name, pieces, future, include_usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        if chat.stream:
+            voice = lm.voice if chat.audio_format else None
+            return StreamingResponse(_sse(cid, created, lm.name, pieces, future, chat.include_usage, voice, spoken.remember),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        g = await _answer_of(request, future)
+        message = {"role": "assistant", "content": g.text, "refusal": None}
+        if chat.audio_format:  # the text read out by the server's voice: a cascade, not the model's own speech
+            wave = await run_in_threadpool(lm.voice.speak, g.text)
+            data = wav_bytes(wave, lm.voice.sampling_rate) if chat.audio_format == "wav" else pcm16_bytes(wave, lm.voice.sampling_rate)
+            message["content"] = None
+            message["audio"] = spoken.remember(g.text, data)
+        return {"id": cid, "object": "chat.completion", "created": created, "model": lm.name,
+                "choices": [{"index": 0, "message": message, "finish_reason": g.finish_reason}], "usage": _usage(g)}
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request):
@@ -459,7 +502,8 @@ async def _speak(lm: SpeakingLM, body: object) -> dict:
     """A units LM's answer: the spoken continuation of the last user audio, as OpenAI's audio output."""
     if not lm.can_speak:
         raise ApiError(400, f"{lm.name} has a k-means unit tokenizer, which has no vocoder: it cannot answer in audio", param="model")
-    messages, options, stream, _ = parse_chat_request(body, lm.name, speaks=True, max_clips=1)
+    chat = parse_chat_request(body, lm.name, speaks=True, max_clips=1)
+    messages, options, stream = chat.messages, chat.options, chat.stream
     if stream:
         raise ApiError(400, "stream: spoken answers come whole from this server; leave stream false", param="stream")
     if options.stop:
@@ -528,9 +572,36 @@ def _usage(g) -> dict:
     return {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens, "total_tokens": g.prompt_tokens + g.completion_tokens}
 
 
-async def _sse(cid: str, created: int, model: str, pieces, future, include_usage: bool):
+class SpokenAnswers:
+    """Spoken answers' transcripts by audio id for an hour, so a client can send `{"audio": {"id"}}` back as a turn."""
+
+    def __init__(self, max_items: int = 4096, keep_s: int = SPOKEN_KEEP_S):
+        self.max_items, self.keep_s = max_items, keep_s
+        self._said: OrderedDict[str, tuple[str, int]] = OrderedDict()
+
+    def remember(self, transcript: str, data: bytes | None = None, audio_id: str | None = None) -> dict:
+        """OpenAI's `message.audio` for an answer (with `data`, base64, when given), remembered by its id."""
+        audio_id = audio_id or f"audio_{uuid.uuid4().hex}"
+        expires = int(time.time()) + self.keep_s
+        self._said[audio_id] = (transcript, expires)
+        while len(self._said) > self.max_items:
+            self._said.popitem(last=False)
+        audio = {"id": audio_id, "expires_at": expires, "transcript": transcript}
+        if data is not None:
+            audio["data"] = base64.b64encode(data).decode()
+        return audio
+
+    def recall(self, audio_id: str) -> str | None:
+        said = self._said.get(audio_id)
+        return said[0] if said is not None and said[1] > time.time() else None
+
+
+async def _sse(cid: str, created: int, model: str, pieces, future, include_usage: bool, voice=None, remember=None):
     """Chat-completion chunks as server-sent events, ending with `data: [DONE]`.
 
+    With a `voice`, the answer comes as OpenAI streams audio: `delta.audio.transcript` pieces as they
+    are decoded and `delta.audio.data` (base64 pcm16, 24 kHz) for each sentence as soon as it is
+    complete and spoken, while the model goes on decoding; then `delta.audio.expires_at`.
     A client that leaves mid-answer ends this generator (Starlette cancels it), and with it the generation.
     """
 
@@ -539,22 +610,54 @@ async def _sse(cid: str, created: int, model: str, pieces, future, include_usage
                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
         return f"data: {json.dumps(chunk)}\n\n"
 
+    def failed(e: BaseException, what: str) -> str:
+        logger.error("%s: streamed %s failed: %s: %s", cid, what, type(e).__name__, e)
+        return f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+
+    audio_id = f"audio_{uuid.uuid4().hex}"
+
+    class SpeechFailed(Exception):
+        pass
+
+    async def spoken(span: str):
+        try:
+            wave = await run_in_threadpool(voice.speak, span)
+        except Exception as e:  # noqa: BLE001 - reported in the stream, which has begun
+            raise SpeechFailed(failed(e, "speech")) from e
+        return event({"audio": {"id": audio_id, "data": base64.b64encode(pcm16_bytes(wave, voice.sampling_rate)).decode()}})
+
     ended = False
+    said = unspoken = ""
     try:
-        yield event({"role": "assistant", "content": ""})
+        yield event({"role": "assistant", "content": "" if voice is None else None})
         async for piece in pieces:
-            yield event({"content": piece})
+            if voice is None:
+                yield event({"content": piece})
+                continue
+            yield event({"audio": {"id": audio_id, "transcript": piece}})
+            said, unspoken = said + piece, unspoken + piece
+            while (cut := next_cut(unspoken)) is not None:
+                span, unspoken = unspoken[:cut], unspoken[cut:]
+                yield await spoken(span)
         ended = True
         try:
             g = future.result(timeout=0)  # resolved before its stream ended
         except Exception as e:  # noqa: BLE001 - the status line has gone out; report it in the stream
-            logger.error("%s: streamed generation failed: %s: %s", cid, type(e).__name__, e)
-            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+            yield failed(e, "generation")
             return
+        if voice is not None:
+            if unspoken.strip():
+                yield await spoken(unspoken)
+            audio = remember(said, audio_id=audio_id)
+            yield event({"audio": {"id": audio_id, "expires_at": audio["expires_at"]}})
         yield event({}, g.finish_reason)
         if include_usage:
             yield f"data: {json.dumps({'id': cid, 'object': 'chat.completion.chunk', 'created': created, 'model': model, 'choices': [], 'usage': _usage(g)})}\n\n"
         yield "data: [DONE]\n\n"
+    except SpeechFailed as e:
+        ended = True
+        future.cancel()
+        yield str(e)
     finally:
         if not ended:
             future.cancel()

@@ -194,6 +194,24 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)  # the tokens generated, without the end-of-turn token
 
 
+@dataclass
+class SpokenAnswer:
+    """A text answer and its audio, spoken by an offline voice (`SpeechLM.speak`, `chat(..., audio_out=True)`)."""
+
+    text: str
+    audio: np.ndarray  # float32 mono
+    sampling_rate: int
+    voice: str
+
+    def save(self, path: str | Path) -> Path:
+        """Write the audio as a 16-bit PCM WAV (a temporary file, then renamed)."""
+        from ..atomic import write_bytes
+        from .speech_out import wav_bytes
+
+        write_bytes(path, wav_bytes(self.audio, self.sampling_rate))
+        return Path(path)
+
+
 class AnswerStream:
     """A streamed answer's text pieces as the worker decodes them: iterate it, or `async for` it.
 
@@ -354,9 +372,13 @@ class SpeechLM:
 
     def __init__(self, model, processor, *, name: str = "earful", max_batch_size: int = 8, batch_wait_s: float = 0.01,
                  max_audio_seconds: float = DEFAULT_MAX_SECONDS, max_request_audio_seconds: float = DEFAULT_MAX_REQUEST_AUDIO_SECONDS,
-                 max_clips: int = DEFAULT_MAX_CLIPS, max_queue: int = DEFAULT_MAX_QUEUE):
+                 max_clips: int = DEFAULT_MAX_CLIPS, max_queue: int = DEFAULT_MAX_QUEUE, voice: str | None = None):
         _check_limits(max_batch_size=max_batch_size, max_audio_seconds=max_audio_seconds,
                       max_request_audio_seconds=max_request_audio_seconds, max_clips=max_clips, max_queue=max_queue)
+        from .speech_out import AnswerVoice
+
+        # A voice that reads the answers out (a cascade); loaded now, so a bad name fails here.
+        self.voice: AnswerVoice | None = AnswerVoice(voice) if voice is not None else None
         self.model, self.processor, self.name = model, processor, name
         self.max_batch_size, self.batch_wait_s, self.max_audio_seconds = max_batch_size, batch_wait_s, max_audio_seconds
         self.max_request_audio_seconds, self.max_clips, self.max_queue = max_request_audio_seconds, max_clips, max_queue
@@ -497,10 +519,23 @@ class SpeechLM:
 
     def chat(self, prompt: str | None = None, audio: AudioLike | None = None, *, messages: list[dict] | None = None,
              max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, stop: tuple[str, ...] = (),
-             seed: int | None = None) -> str:
-        """The answer to a prompt about a clip (`<|audio|>` in the prompt places it), or to `messages`."""
+             seed: int | None = None, audio_out: bool = False) -> str | SpokenAnswer:
+        """The answer to a prompt about a clip (`<|audio|>` in the prompt places it), or to `messages`.
+
+        `audio_out=True`: a `SpokenAnswer`, the text read out by the model's voice (`piper:joe@noise0,w0` when
+        it was loaded without one).
+        """
         options = DecodingOptions(max_new_tokens, temperature, top_p, stop, seed)
-        return self.generate(self._messages(messages, audio, prompt), options).text
+        text = self.generate(self._messages(messages, audio, prompt), options).text
+        return self.speak(text) if audio_out else text
+
+    def speak(self, text: str) -> SpokenAnswer:
+        """`text` read out by the model's voice (loading the default, `piper:joe@noise0,w0`, if it has none)."""
+        if self.voice is None:
+            from .speech_out import AnswerVoice
+
+            self.voice = AnswerVoice()
+        return SpokenAnswer(text, self.voice.speak(text), self.voice.sampling_rate, self.voice.name)
 
     def stream_chat(self, prompt: str | None = None, audio: AudioLike | None = None, *, messages: list[dict] | None = None,
                     max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, stop: tuple[str, ...] = (),
@@ -685,6 +720,8 @@ def load(model: str | Path, *, device: str | None = None, name: str | None = Non
     if is_units_model(model):
         from ..tokenizers.unit_lm import load_unit_lm
 
+        if kwargs.get("voice") is not None:
+            raise EngineSettingsError(f"voice={kwargs['voice']!r}: {model} is a units LM, which speaks for itself; a voice reads out a listening LM's text answers")
         limits = {k: v for k, v in kwargs.items() if k in ("max_audio_seconds", "max_queue")}
         return SpeakingLM(load_unit_lm(model, device=device), name=name or Path(str(model)).name, **limits)
     lm, processor = load_speech_lm(model, device=device)

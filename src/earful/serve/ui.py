@@ -1,7 +1,8 @@
 """A Gradio voice chat on `/ui`: record or upload a clip, ask about it, read the answer as it streams.
 
 It calls the same `SpeechLM.stream_chat` the HTTP API does. A turn with audio and no text asks for
-a transcript (the task the model was trained on).
+a transcript (the task the model was trained on). A server with a voice (`--voice`) also plays the
+answer, read out by that voice once it is complete.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ def build_ui(lm) -> gr.Blocks:
     with gr.Blocks(title=f"earful · {lm.name}", analytics_enabled=False, delete_cache=(600, 3600)) as demo:
         gr.Markdown(f"## earful · `{lm.name}`\nRecord or upload speech, then send it. With no text, the model transcribes.")
         chatbot = gr.Chatbot(label="Conversation", elem_id="earful-chat", height=360)
+        spoken = None
+        if lm.voice is not None:
+            spoken = gr.Audio(label=f"The answer, read out by {lm.voice.name} (a cascade)", elem_id="earful-spoken",
+                              interactive=False, autoplay=True)
         with gr.Row():
             audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio", elem_id="earful-audio")
             message = gr.Textbox(label="Message", placeholder="Ask about the audio (empty: transcribe it)", elem_id="earful-message", lines=2)
@@ -33,6 +38,14 @@ def build_ui(lm) -> gr.Blocks:
         conversation = gr.State([])  # the engine's messages, audio included
 
         def respond(audio_path, text, history, convo):
+            for out in answer_turn(audio_path, text, history, convo):
+                yield out if spoken is None else (*out, gr.skip())
+            if spoken is not None:
+                reply = out[1][-1]["content"]
+                wave = lm.voice.speak(reply)
+                yield (*out, (lm.voice.sampling_rate, wave) if len(wave) else None)
+
+        def answer_turn(audio_path, text, history, convo):
             text = (text or "").strip()
             parts = [text] if text else []
             try:
@@ -53,10 +66,10 @@ def build_ui(lm) -> gr.Blocks:
                 raise gr.Error(str(e)) from None
             yield history, [*convo, {"role": "assistant", "content": answer}], None, ""
 
-        outputs = [chatbot, conversation, audio, message]
+        outputs = [chatbot, conversation, audio, message] + ([spoken] if spoken is not None else [])
         send.click(respond, [audio, message, chatbot, conversation], outputs)
         message.submit(respond, [audio, message, chatbot, conversation], outputs)
-        clear.click(lambda: ([], [], None, ""), None, outputs)
+        clear.click(lambda: ([], [], None, "") + ((None,) if spoken is not None else ()), None, outputs)
     return demo
 
 
