@@ -150,6 +150,51 @@ def data_prepare_nonspeech(out_dir: str, *, count: Count = 300, seed: int = 0, a
           f"({', '.join(f'{k} {n}' for k, n in s['clips'].items())})" + (f"; answer {answer!r}" if answer is not None else ""))
 
 
+@verb("data prepare sentences")
+def data_prepare_sentences(out_dir: str, *, voices: str = "all", per_voice: Count = 20, seed: int = 0,
+                           dev_voices: str | None = None, test_voices: str | None = None, text: str | None = None) -> None:
+    """Speak sentences with many offline voices into train/dev/test manifests split by voice.
+
+    Every chosen voice (Piper variants, espeak-ng accents x variants, Kokoro styles and mixtures:
+    `earful data voices` lists them) speaks --per-voice sentences at 16 kHz. No voice is in two
+    splits, and no sentence is spoken in two splits. Writes OUT_DIR/audio/VOICE/NNNN.wav,
+    OUT_DIR/{train,dev,test}.jsonl and OUT_DIR/voices.json (the voices of each split, the sentence
+    source, the settings). A rerun keeps the files written before.
+
+    Args:
+        voices: comma list of voice names or patterns (* matches anything), families or all (default all)
+        per_voice: sentences each voice speaks (default 20)
+        seed: random seed for the sentence split and draws (default 0)
+        dev_voices: patterns of the voices held out for dev (default: kokoro:*jf_tebukuro*,
+            espeak:en-gb-x-gbcwmd*, espeak:*+m5, espeak:*+linda, piper:joe@len0.8,noise0.4)
+        test_voices: patterns of the voices held out for test, never in train or dev (default:
+            kokoro:*jf_nezumi*, espeak:en-029*, espeak:*+f4, espeak:*+grandpa, piper:joe@len1.3,noise0.6)
+        text: file of sentences, one a line (default: the shipped SmolLM2-written sentences)
+    """
+    from ..data.sentences import prepare_sentences
+
+    s = prepare_sentences(out_dir, voices=voices, per_voice=per_voice, seed=seed, dev_voices=dev_voices,
+                          test_voices=test_voices, text=text)
+    parts = [f"{split} {s['utterances'][split]} utterances / {len(s['splits'][split])} voices ({s['hours'][split] * 60:.1f} min)"
+             for split in ("train", "dev", "test")]
+    print(f"wrote {out_dir}: {'; '.join(parts)}; {s['written_now']} spoken now; voices per split in {out_dir}/voices.json")
+
+
+@verb("data voices")
+def data_voices(*, family: Literal["piper", "espeak", "kokoro"] | None = None) -> int:
+    """List the offline voices by their names (for --voices of `data synth` and `data prepare sentences`).
+
+    Args:
+        family: only this family's voices
+    """
+    from ..data.synth import voice_catalogue, voice_family
+
+    for name in voice_catalogue():
+        if family is None or voice_family(name) == family:
+            print(name)
+    return 0
+
+
 @verb("data ingest")
 def data_ingest(sources: Annotated[list[str], Arg(metavar="SOURCE")], *, out: str, transcripts: str | None = None,
                 min_seconds: NonNegative = 0.1, max_seconds: Positive = 600.0,
@@ -214,7 +259,8 @@ def data_synth(*, out: str, text: str | None = None, instructions: str | None = 
 
     --text FILE: one utterance a line (ASR data). --instructions FILE (.jsonl/.parquet with
     prompt/response, instruction/output or question/answer): the prompt is spoken, the response is
-    the target (spoken-instruction data). --voices: comma list of piper, piper:VOICE.onnx, espeak:NAME.
+    the target (spoken-instruction data). --voices: comma list of piper, piper:VOICE.onnx, espeak:NAME,
+    or any voice name `earful data voices` lists (piper:joe@len1.2,noise0.5, kokoro:jm_kumo, ...).
 
     Args:
         text: a file of lines to speak

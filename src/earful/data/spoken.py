@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 from .. import atomic
 from ..audio import resample
 from .manifest import Utterance, write_manifest
+from .sentences import voice_slug
+from .synth import PiperVoice
 
 DEFAULT_VOICES = "piper,espeak:en-us+m3,espeak:en+f2,espeak:en-gb-scotland"
 OUT_RATE = 16000
@@ -66,24 +68,26 @@ def read_instructions(path: str | Path) -> list[Line]:
 
 class _Voices:
     def __init__(self, spec: str, seed: int):
-        from .synth import EspeakVoice, PiperVoice
+        from .synth import EspeakVoice, PiperVoice, split_voice_list, voice_from_name
 
         self.voices = []
-        for item in [v.strip() for v in spec.split(",") if v.strip()]:
+        for item in split_voice_list(spec):
             kind, _, arg = item.partition(":")
-            if kind == "piper":
+            if kind == "kokoro" or "@" in arg or (kind == "piper" and arg and not arg.endswith(".onnx")):
+                self.voices.append((item, voice_from_name(item)))  # a catalogue name (`earful data voices`)
+            elif kind == "piper":
                 self.voices.append((f"piper-{Path(arg).stem}" if arg else "piper", PiperVoice.load(arg or None)))
             elif kind == "espeak":
                 self.voices.append((f"espeak-{arg or 'en-us'}", EspeakVoice(arg or "en-us")))
             else:
-                raise ValueError(f"unknown voice {item!r}: use piper, piper:VOICE.onnx or espeak:NAME")
+                raise ValueError(f"unknown voice {item!r}: use piper, piper:VOICE.onnx, espeak:NAME or a name `earful data voices` lists")
         if not self.voices:
             raise ValueError("no voices given")
         self.rng = random.Random(seed)
 
     def speak(self, i: int, text: str, length_scale: float) -> tuple[str, np.ndarray]:
         name, voice = self.voices[i % len(self.voices)]
-        if name.startswith("piper"):
+        if isinstance(voice, PiperVoice):
             wave = voice.synthesize(text, length_scale=length_scale)
         else:
             wave = voice.synthesize(text)
@@ -99,7 +103,7 @@ def synthesize_corpus(lines: list[Line], out_dir: str | Path, *, voices: str = D
     for i, line in enumerate(tqdm(lines, desc="synthesising", unit="utt", disable=not progress)):
         name = speakers.voices[i % len(speakers.voices)][0]
         length_scale = speakers.rng.uniform(0.9, 1.15)  # drawn for every line: a rerun gets the same rates
-        path = out_dir / "audio" / f"{i:07d}-{name}.wav"
+        path = out_dir / "audio" / f"{i:07d}-{voice_slug(name)}.wav"
         try:
             if len(line.text) > max_chars:
                 raise ValueError(f"{len(line.text)} characters, over --max-chars {max_chars}")

@@ -588,7 +588,7 @@ class PiperVariant:
     """The bundled Piper voice at fixed length and noise scales: one catalogue voice."""
 
     def __init__(self, name: str, length_scale: float = 1.0, noise_scale: float = 0.667, noise_w: float = 0.8):
-        self.name, self.length_scale, self.noise_scale, self.noise_w = name, length_scale, noise_scale, noise_w
+        self.catalogue_name, self.length_scale, self.noise_scale, self.noise_w = name, length_scale, noise_scale, noise_w
         self.voice = _get_default_voice()
         self.sample_rate = self.voice.sample_rate
 
@@ -598,7 +598,8 @@ class PiperVariant:
 
 def voice_from_name(name: str):
     """The voice a catalogue name (or any name of the same form) stands for: an object with
-    `.synthesize(text) -> float32 wave` and `.sample_rate`. Raises `VoiceNameError` naming it."""
+    `.synthesize(text) -> float32 wave`, `.sample_rate` and `.catalogue_name` (`name`).
+    Raises `VoiceNameError` naming it."""
     family, _, rest = name.strip().partition(":")
     voice_part, _, settings = rest.partition("@")
     if family == "piper" and voice_part == "joe":
@@ -625,7 +626,9 @@ def voice_from_name(name: str):
             style = voice_part
         if any(s not in KOKORO_STYLES for s in ([style] if isinstance(style, str) else style)):
             raise VoiceNameError(f"voice {name!r}: Kokoro's styles are {', '.join(KOKORO_STYLES)} (or mix(A,B,W) of two)")
-        return KokoroVoice(style, speed=s.get("speed", 1.0))
+        voice = KokoroVoice(style, speed=s.get("speed", 1.0))
+        voice.catalogue_name = name
+        return voice
     raise VoiceNameError(f"no voice {name!r}: expected piper:joe[@lenL,noiseN], espeak:ACCENT[+VARIANT][@rateR,pitchP] or "
                          f"kokoro:STYLE[@speedS] / kokoro:mix(A,B,W); `earful data voices` lists them all")
 
