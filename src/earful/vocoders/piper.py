@@ -232,9 +232,8 @@ def train_through_generator(vocoder: PiperJoeVocoder, pairs: list[Pair], steps: 
         units, zs, waves = [], [], []
         for i in rng.integers(0, len(long), size=batch):
             p = long[i]
-            t0 = int(rng.integers(0, max(1, min(len(p.units) - crop, p.target.shape[1] - t_len) + 1)))
-            u0 = min(round(t0 * cfg.in_rate / cfg.out_rate), len(p.units) - crop)
-            t0 = round(u0 * cfg.out_rate / cfg.in_rate)
+            u0 = int(rng.integers(0, len(p.units) - crop + 1))
+            t0 = round(u0 * cfg.out_rate / cfg.in_rate)  # the same instant in z frames
             z = p.target[:, t0 : t0 + t_len]
             w = p.wave[t0 * hop : (t0 + t_len) * hop]
             if z.shape[1] < t_len or len(w) < t_len * hop:
