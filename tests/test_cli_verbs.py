@@ -33,8 +33,8 @@ def test_every_stage_and_verb_is_reachable_in_order():
     assert list(VERBS)[:5] == ["data prepare fsdd", "data prepare fsdd-strings", "data prepare tts-digits",
                                "data prepare tts-storycloze", "data prepare nonspeech"]
     top = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert list(top.choices) == ["data", "train", "eval", "units", "generate", "transcribe", "chat", "serve"]
-    assert len(VERBS) == 19
+    assert list(top.choices) == ["data", "train", "eval", "units", "generate", "vocoder", "resynth", "transcribe", "chat", "serve"]
+    assert len(VERBS) == 24
 
 
 @pytest.mark.parametrize("words", list(VERBS))

@@ -145,7 +145,7 @@ def test_generate_units_to_json_and_refuse_wav(units_lm_dir, fsdd, tmp_path):
     assert r2.returncode == 0, r2.stderr[-2000:]
     assert json.loads((tmp_path / "ids2.json").read_text()) == out  # seeded sampling
     r = run_cli("generate", "--model", units_lm_dir, "--audio", clip, "--out", tmp_path / "x.wav")
-    assert r.returncode == 2 and "no vocoder" in r.stderr and not (tmp_path / "x.wav").exists()
+    assert r.returncode == 2 and "vocoder attach" in r.stderr and not (tmp_path / "x.wav").exists()
 
 
 def test_generate_codec_continuation_decodes_to_audio(smol_dir, fsdd, tmp_path):

@@ -52,9 +52,10 @@ def audio_front(model: str):
 def load_unit_lm(model: str):
     from ..models.vocab import SoundVocabError
     from ..tokenizers import AudioTokenizerError
-    from ..tokenizers.unit_lm import load_unit_lm as load
+    from ..vocoders.base import VocoderError
+    from ..vocoders.speaking import load_speaking_unit_lm
 
     try:
-        return load(model)
-    except (SoundVocabError, AudioTokenizerError) as e:
+        return load_speaking_unit_lm(model)  # k-means units speak through the folder's vocoder/, if any
+    except (SoundVocabError, AudioTokenizerError, VocoderError) as e:
         raise UsageError(str(e)) from None

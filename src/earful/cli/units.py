@@ -50,10 +50,11 @@ def units_fit(*, data: str, k: str, out: str, layer: Count | None = None, encode
 @verb("generate")
 def generate_cmd(*, model: str, audio: str, out: str, max_new_tokens: Count = 100, greedy: bool = False,
                  temperature: Positive = 0.8, top_k: Count = 50, seed: int = 0) -> int:
-    """Continue a spoken prompt with a units LM; OUT is ids.json (any tokenizer) or out.wav (codecs).
+    """Continue a spoken prompt with a units LM; OUT is ids.json (any tokenizer) or out.wav.
 
     The JSON holds the prompt's and the continuation's audio-tokenizer ids; the WAV is the prompt
-    followed by the continuation, decoded by the codec.
+    followed by the continuation, decoded by the codec, or for k-means units by the vocoder in the
+    model folder (`earful vocoder attach`).
 
     Args:
         model: trained units LM folder
@@ -73,7 +74,7 @@ def generate_cmd(*, model: str, audio: str, out: str, max_new_tokens: Count = 10
         raise UsageError(f"{model}: saved without an audio tokenizer (audio_tokenizer/), so it cannot read {audio}")
     if out.endswith(".wav") and not at.can_decode:
         raise UsageError(f"--out {out}: this model's {at.kind} tokenizer cannot turn tokens back into audio "
-                         "(k-means units have no vocoder); write token ids with --out ids.json")
+                         "(k-means units need a vocoder: `earful vocoder attach --model MODEL --vocoder DIR`); write token ids with --out ids.json")
     waves, _, failures = load_clips([audio], at.sampling_rate)
     if failures:
         return 1

@@ -163,3 +163,27 @@ def resynth(files: list[str], *, vocoder: str, out: str, units: str | None = Non
     print(f"wrote {written} WAVs ({voc.kind}, {voc.sampling_rate} Hz) to {out}; {len(rejects)} rejected"
           + (f" (see {out}/rejects.jsonl)" if rejects else ""))
     return 1 if rejects else 0
+
+
+@verb("vocoder attach")
+def vocoder_attach(*, model: str, vocoder: str) -> None:
+    """Put a vocoder into a units LM's folder (as vocoder/), so the LM speaks: `earful generate
+    --out out.wav`, `earful serve` (OpenAI audio output) and `earful.load()` decode through it.
+
+    The vocoder must have been fitted on the model's own units (the same k-means centroids,
+    encoder and layer as its audio_tokenizer/); one of other units is refused.
+
+    Args:
+        model: units LM folder (trained with `earful train` on a units recipe)
+        vocoder: vocoder folder (from `earful vocoder fit --units MODEL/audio_tokenizer`)
+    """
+    from ..models.vocab import SoundVocabError
+    from ..tokenizers import AudioTokenizerError
+    from ..vocoders.base import VocoderError
+    from ..vocoders.speaking import attach_vocoder
+
+    try:
+        target = attach_vocoder(model, vocoder)
+    except (VocoderError, SoundVocabError, AudioTokenizerError) as e:
+        raise UsageError(str(e)) from None
+    print(f"wrote {target}: {model} now speaks through the {vocoder} vocoder")

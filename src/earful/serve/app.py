@@ -501,7 +501,8 @@ def create_app(lm: SpeechLM | SpeakingLM, *, api_key: str | None = None, max_upl
 async def _speak(lm: SpeakingLM, body: object) -> dict:
     """A units LM's answer: the spoken continuation of the last user audio, as OpenAI's audio output."""
     if not lm.can_speak:
-        raise ApiError(400, f"{lm.name} has a k-means unit tokenizer, which has no vocoder: it cannot answer in audio", param="model")
+        raise ApiError(400, f"{lm.name} has a k-means unit tokenizer and no vocoder in its folder: it cannot answer in audio "
+                                 "(fit one with `earful vocoder fit` and add it with `earful vocoder attach`)", param="model")
     chat = parse_chat_request(body, lm.name, speaks=True, max_clips=1)
     messages, options, stream = chat.messages, chat.options, chat.stream
     if stream:

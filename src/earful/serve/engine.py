@@ -718,12 +718,12 @@ def load(model: str | Path, *, device: str | None = None, name: str | None = Non
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if is_units_model(model):
-        from ..tokenizers.unit_lm import load_unit_lm
+        from ..vocoders.speaking import load_speaking_unit_lm
 
         if kwargs.get("voice") is not None:
             raise EngineSettingsError(f"voice={kwargs['voice']!r}: {model} is a units LM, which speaks for itself; a voice reads out a listening LM's text answers")
         limits = {k: v for k, v in kwargs.items() if k in ("max_audio_seconds", "max_queue")}
-        return SpeakingLM(load_unit_lm(model, device=device), name=name or Path(str(model)).name, **limits)
+        return SpeakingLM(load_speaking_unit_lm(model, device=device), name=name or Path(str(model)).name, **limits)
     lm, processor = load_speech_lm(model, device=device)
     return SpeechLM(lm, processor, name=name or Path(str(model)).name, **kwargs)
 
@@ -731,8 +731,9 @@ def load(model: str | Path, *, device: str | None = None, name: str | None = Non
 class SpeakingLM:
     """A units LM (the discrete family) behind a lock: a spoken prompt in, its spoken continuation out.
 
-    Only an audio tokenizer that decodes (a codec) can speak; k-means units have no vocoder, so a
-    units LM built on them serves token ids to Python callers but no audio. At most `max_queue`
+    Only an audio tokenizer that decodes can speak: a codec, or k-means units with a vocoder in the
+    model folder (`earful vocoder attach`); a units LM on k-means units without one serves token ids
+    to Python callers but no audio. At most `max_queue`
     callers wait for the lock; past that `continue_speech` raises `ServerBusy`.
     """
 
