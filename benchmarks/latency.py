@@ -10,13 +10,18 @@ recordings of one speaker end to end), each system is timed from the waveform in
 - pocketsphinx: 5.1.1's default US English model and language model (no token stream: it gives
   a result at the end, so its time to first token is its time to the whole result).
 
+Spoken answers (--voice, default piper:joe@noise0,w0): time from the waveform to the first audio
+chunk of the answer read out by the voice, earful's streamed path (`SpeechLM.stream_chat`, cut into
+sentences, each spoken as soon as it is complete: what `earful serve --voice` streams) against the
+cascade peer Whisper tiny.en -> the same voice (transcribe, then speak the transcript), on the 1 s clip.
+
 Time to first token (TTFT) is measured with a `generate()` streamer: the time from the waveform to
 the first generated token (features + encoder + prefill + one decoding step). Decoding speed is
 tokens/s after the first token, with exactly --new-tokens generated (end-of-text suppressed) so
 that both LMs decode the same number of tokens. Figures are medians over --repeats runs after one
 warm-up; ratios are earful's against each peer.
 
-    .venv/bin/python benchmarks/latency.py [--model runs/digits/model] [--out benchmarks/results/latency.json]
+    .venv/bin/python benchmarks/latency.py [--model runs/digits/model] [--voice piper:joe@noise0,w0] [--out benchmarks/results/latency.json]
 """
 
 from __future__ import annotations
@@ -139,11 +144,54 @@ def pocketsphinx_time(wave: np.ndarray, repeats: int) -> dict:
             "note": "no token stream: the whole result arrives at once"}
 
 
+def spoken_answer_times(model_dir: str, voice: str, wave: np.ndarray, repeats: int) -> dict:
+    """Median seconds from the waveform to the first audio chunk (and to the whole answer spoken), earful vs the cascade."""
+    import earful
+    from earful.serve.speech_out import sentences_as_decoded
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    from earful.pretrained import resolve
+
+    lm = earful.load(model_dir, voice=voice)
+    folder = resolve("bundled:whisper-tiny.en")
+    whisper = WhisperForConditionalGeneration.from_pretrained(folder).eval()
+    whisper_processor = WhisperProcessor.from_pretrained(folder)
+
+    def earful_run() -> tuple[float, float, str]:
+        start, first, said = time.perf_counter(), None, []
+        for span in sentences_as_decoded(lm.stream_chat(audio=wave)):
+            lm.voice.speak(span)
+            first = first or time.perf_counter() - start
+            said.append(span)
+        return first, time.perf_counter() - start, " ".join(said)
+
+    @torch.no_grad()
+    def cascade_run() -> tuple[float, float, str]:
+        start = time.perf_counter()
+        features = whisper_processor(wave, sampling_rate=SR, return_tensors="pt").input_features
+        text = whisper_processor.batch_decode(whisper.generate(features, max_new_tokens=64), skip_special_tokens=True)[0].strip()
+        lm.voice.speak(text)  # the same voice; one span, as Whisper gives its text at the end
+        t = time.perf_counter() - start
+        return t, t, text
+
+    out = {}
+    for name, run in (("earful", earful_run), ("cascade_whisper_tiny_then_voice", cascade_run)):
+        run()  # warm-up
+        runs = [run() for _ in range(repeats)]
+        out[name] = {"first_audio_s": round(statistics.median(r[0] for r in runs), 4),
+                     "whole_answer_spoken_s": round(statistics.median(r[1] for r in runs), 4), "answer": runs[-1][2]}
+    lm.close()
+    out["voice"] = voice
+    out["first_audio_speedup_vs_cascade"] = round(out["cascade_whisper_tiny_then_voice"]["first_audio_s"] / out["earful"]["first_audio_s"], 2)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(ROOT / "runs" / "digits" / "model"), help="trained earful model folder (default runs/digits/model)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens each LM generates (default 32)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--voice", default="piper:joe@noise0,w0", help="offline voice that reads the answers out (default piper:joe@noise0,w0)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latency.json"))
     a = p.parse_args(argv)
     if not (Path(a.model) / "config.json").is_file():
@@ -167,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(f"{name}: earful TTFT {e['ttft_s'] * 1000:.0f} ms, {e['tokens_per_s']:.0f} tok/s | whisper TTFT {w['ttft_s'] * 1000:.0f} ms, "
               f"{w['tokens_per_s']:.0f} tok/s | pocketsphinx result {s['total_s'] * 1000:.0f} ms")
-    report = {"clips": results, "model": a.model, "new_tokens": a.new_tokens, "repeats": a.repeats, **footer(started)}
+    spoken = spoken_answer_times(a.model, a.voice, waves["1s"], a.repeats)
+    print(f"spoken answer, 1s clip: earful first audio {spoken['earful']['first_audio_s'] * 1000:.0f} ms | cascade (Whisper tiny.en -> "
+          f"{a.voice}) {spoken['cascade_whisper_tiny_then_voice']['first_audio_s'] * 1000:.0f} ms")
+    report = {"clips": results, "spoken_answer_1s": spoken, "model": a.model, "new_tokens": a.new_tokens, "repeats": a.repeats, **footer(started)}
     out = write_report(a.out, report)
     print(f"wrote {out}")
     return 0
