@@ -252,3 +252,26 @@ def test_closing_with_a_reader_waiting_ends_its_stream(tiny_lm, fsdd):
     reader.join(timeout=30)
     lm.close()
     assert not reader.is_alive()
+
+
+@pytest.mark.parametrize("pieces, spans", [
+    (["Seven."], ["Seven."]),
+    (["seven"], ["seven"]),  # no punctuation: spoken whole at the end
+    (["The answer", " is seven. It was", " said twice! Then"], ["The answer is seven.", "It was said twice!", "Then"]),
+    (["3.5 is", " not 4. "], ["3.5 is not 4."]),  # a decimal point is no sentence end
+    (["Short, then more", " words, and a long enough clause; end"], ["Short, then more words,", "and a long enough clause;", "end"]),
+    (["", " ", "Hi.", ""], ["Hi."]),
+])
+def test_a_streamed_answer_is_spoken_sentence_by_sentence(pieces, spans):
+    from earful.serve.speech_out import sentences_as_decoded
+
+    assert list(sentences_as_decoded(pieces)) == spans
+
+
+def test_pcm16_is_24_khz_little_endian_and_clipped():
+    from earful.serve.speech_out import pcm16_bytes
+
+    wave = np.concatenate([np.full(22050, 0.5, np.float32), [2.0, -2.0]])  # 1 s at 22050 Hz, then out of range
+    pcm = np.frombuffer(pcm16_bytes(wave, 22050), "<i2")
+    assert abs(len(pcm) - 24002) <= 2 and pcm.max() == 32767 and pcm.min() >= -32767
+    assert abs(int(np.median(pcm)) - 16384) < 20
