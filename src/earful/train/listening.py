@@ -129,6 +129,46 @@ class PrefixCache:
         return P, DynamicCache(ddp_cache_data=kv, config=self.model.language_model.config)
 
 
+def pack_rows(batch: dict[str, torch.Tensor], row_tokens: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded rows -> fewer rows, each holding consecutive utterances whole (padding-free packing).
+
+    Rows are taken in order and a row is closed when the next utterance would make it longer than
+    `row_tokens` (default: the longest utterance of the batch, so no packed row is longer than the
+    padded rows were; an utterance longer than it gets a row of its own), and the `<|audio|>` slots
+    keep their order (the audio goes into them clip after clip). Each
+    utterance's position ids start at 0 and there is no attention mask: transformers then keeps
+    attention within each utterance (`masking_utils.find_packed_sequence_indices`, which needs
+    `use_cache=False`: `labelled_logits` passes it), so every utterance sees what it would see alone. The padding after the last utterance of a row is its
+    own segment, with no label.
+    """
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    lengths = mask.sum(-1).tolist()
+    cap = max(max(lengths), row_tokens or 0)
+    groups: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        if groups and sum(lengths[j] for j in groups[-1]) + n <= cap:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    pad_id = int(ids[mask == 0][0]) if (mask == 0).any() else 0
+    packed_ids = ids.new_full((len(groups), cap), pad_id)
+    packed_labels = labels.new_full((len(groups), cap), -100)
+    positions = torch.zeros((len(groups), cap), dtype=torch.long, device=ids.device)
+    for r, group in enumerate(groups):
+        at = 0
+        for i in group:
+            n = lengths[i]
+            packed_ids[r, at : at + n], packed_labels[r, at : at + n] = ids[i, :n], labels[i, :n]
+            positions[r, at : at + n] = torch.arange(n)
+            at += n
+        positions[r, at:] = torch.arange(cap - at)
+    if row_tokens:  # rows no longer than their contents
+        cap = max(sum(lengths[i] for i in g) for g in groups)
+        packed_ids, packed_labels, positions = packed_ids[:, :cap], packed_labels[:, :cap], positions[:, :cap]
+    rest = {k: v for k, v in batch.items() if k not in ("input_ids", "labels", "attention_mask")}
+    return {**rest, "input_ids": packed_ids, "labels": packed_labels, "position_ids": positions}
+
+
 def labelled_logits(model: SpeechLMForConditionalGeneration, batch: dict[str, torch.Tensor],
                     prefix_cache: PrefixCache | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits where a label is: (n_labelled, V), their targets (n_labelled,) and rows (n_labelled,).
@@ -140,13 +180,15 @@ def labelled_logits(model: SpeechLMForConditionalGeneration, batch: dict[str, to
     a linear layer (e.g. Gemma's logit soft-capping) take the ordinary forward.
     """
     labels, attention_mask = batch["labels"], batch.get("attention_mask")
-    audio_and_ids = {k: v for k, v in batch.items() if k not in ("labels", "attention_mask")}
+    audio_and_ids = {k: v for k, v in batch.items() if k not in ("labels", "attention_mask", "position_ids")}
+    # pack_rows: no mask, positions restart; and no cache, without which transformers keeps each utterance to itself
+    packed = {"position_ids": batch["position_ids"], "use_cache": False} if "position_ids" in batch else {}
     if getattr(model.config.text_config, "final_logit_softcapping", None):
         keep = labels[:, 1:] != -100
-        logits = model(attention_mask=attention_mask, return_dict=True, **audio_and_ids).logits[:, :-1][keep]
+        logits = model(attention_mask=attention_mask, return_dict=True, **packed, **audio_and_ids).logits[:, :-1][keep]
         return logits, labels[:, 1:][keep], keep.nonzero()[:, 0]
-    extra = {}
-    if prefix_cache is not None:
+    extra = dict(packed)
+    if prefix_cache is not None and not packed:
         P, cache = prefix_cache.split(audio_and_ids["input_ids"], attention_mask)
         if P:
             B, L = labels.shape
@@ -156,7 +198,7 @@ def labelled_logits(model: SpeechLMForConditionalGeneration, batch: dict[str, to
                      "position_ids": torch.arange(P, L, device=labels.device)[None].expand(B, -1)}
     inputs_embeds = model.embed_inputs(**audio_and_ids)  # (B, L', D), the audio in its slots
     hidden = model.language_model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **extra).last_hidden_state
-    if extra:
+    if "past_key_values" in extra:
         hidden = torch.cat([hidden.new_zeros(hidden.shape[0], 1, hidden.shape[2]), hidden], 1)  # stands for position P-1
     targets = labels[:, 1:]  # (B, L-1)
     keep = targets != -100
@@ -175,7 +217,7 @@ def listening_family(model: SpeechLMForConditionalGeneration, weights=None, pref
 def _prefix_cache_on(recipe: Recipe, model) -> bool:
     """train.prefix_cache holds when the LLM is frozen and runs without activation checkpointing;
     otherwise the cache is off, and a recipe that asked for it is told why."""
-    if not recipe.train.prefix_cache:
+    if not recipe.train.prefix_cache or recipe.train.packing:  # packed rows share no prefix past their first utterance
         return False
     why = []
     if any(p.requires_grad for p in model.language_model.parameters()):
@@ -203,8 +245,11 @@ class Batcher:
     """
 
     def __init__(self, dataset: SpeechDataset, processor: SpeechLMProcessor, model: SpeechLMForConditionalGeneration,
-                 device: torch.device, cache: bool, teacher: bool = False, augment: Augmenter | None = None):
+                 device: torch.device, cache: bool, teacher: bool = False, augment: Augmenter | None = None,
+                 packing: bool = False, pack_tokens: int | None = None):
         self.dataset, self.processor, self.model, self.device = dataset, processor, model, device
+        self.packing, self.pack_tokens = packing, pack_tokens  # train.packing: rows packed by `pack_rows` (training only)
+        self._told = False
         self.cache: dict[tuple[int, int], torch.Tensor] | None = {} if cache else None
         self.teacher = teacher
         self.augment = augment
@@ -306,6 +351,13 @@ class Batcher:
             n_audio = stacked_lengths(mask.sum(-1), self.model.config.stack_factor).tolist()
             batch = self.processor.text_batch(prompts, n_audio, responses)
             batch.update(audio_hidden_states=hidden, audio_hidden_mask=mask)
+        if self.packing:
+            padded = tuple(batch["input_ids"].shape)
+            batch = pack_rows(batch, self.pack_tokens)
+            if not self._told:
+                logger.info("train.packing: the first batch's %d rows of %d tokens packed into %d rows of %d", *padded,
+                            *batch["input_ids"].shape)
+                self._told = True
         batch = {k: v.to(self.device) for k, v in batch.items()}
         if self.teacher:
             batch["teacher"] = self.teacher_batch(idx)
@@ -369,7 +421,8 @@ def listening_parts(recipe: Recipe, device: torch.device, out_dir: Path | None =
         eval_set, rejects = SpeechDataset(eval_utts, sr, d.prompt, d.max_seconds), rejects + eval_rejects
     cache = _encoder_fixed(recipe)
     augment = _augmenter(recipe, train_set, model, fits, n_speech)
-    train_batches = Batcher(train_set, processor, model, device, cache, teacher=bool(t.distill_weight), augment=augment)
+    train_batches = Batcher(train_set, processor, model, device, cache, teacher=bool(t.distill_weight), augment=augment,
+                            packing=t.packing, pack_tokens=t.pack_tokens)
     eval_batches = Batcher(eval_set, processor, model, device, cache) if eval_set else None
     if cache:
         start = time.perf_counter()

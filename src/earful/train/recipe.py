@@ -87,6 +87,8 @@ class TrainRecipe:
     objective: str = "sft"  # sft (next-token loss on the response) | dpo (preference pairs: manifest chosen/rejected)
     dpo_beta: float = 0.1  # DPO's inverse temperature on the log-ratio margin
     prefix_cache: bool = True  # frozen LLM: keys/values of the prompt prefix all rows share are computed once
+    packing: bool = False  # listening sft: consecutive utterances share a row, no attention across them (positions restart)
+    pack_tokens: int | None = None  # train.packing: a row's length (null: the batch's longest utterance)
     log_samples: int = 2  # eval clips whose audio and generated answer are logged at each eval (listening family)
     wandb: str = "auto"  # auto (when wandb is installed and WANDB_MODE / WANDB_API_KEY / WANDB_PROJECT is set) | off | offline | online
     wandb_project: str = "earful"
@@ -196,6 +198,8 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
         problems.append(f"train.loss_weights: unknown token types {sorted(bad_types)} (known: {', '.join(TYPES)})")
     if any(not isinstance(v, (int, float)) or v < 0 for v in recipe.train.loss_weights.values()):
         problems.append(f"train.loss_weights: weights must be numbers >= 0, found {recipe.train.loss_weights}")
+    if recipe.train.packing and (m.kind != "listening" or recipe.train.objective != "sft" or recipe.train.distill_weight):
+        problems.append("train.packing: packs the listening family's sft rows; not with units, dpo or train.distill_weight")
     if recipe.train.distill_weight and (m.kind != "listening" or recipe.train.objective != "sft"):
         problems.append("train.distill_weight: distillation is for the listening family's sft objective")
     if recipe.train.distill_weight and not m.freeze_decoder and m.lora not in ("llm", "both"):
@@ -263,6 +267,7 @@ _RANGES = [
     ("train", "seed", lambda v: 0 <= v < 2**32, "within [0, 2**32)"),
     ("train", "num_threads", lambda v: v >= 1, ">= 1 (or null: torch's default)"),
     ("train", "distill_weight", lambda v: 0 <= v <= 1, "within [0, 1]"),
+    ("train", "pack_tokens", lambda v: v is None or v >= 1, "at least 1 (or null)"),
     ("train", "dpo_beta", lambda v: v > 0, "> 0"),
     ("train", "log_samples", lambda v: v >= 0, ">= 0"),
     ("train", "max_text_nll_increase", lambda v: v >= 0, ">= 0 (or null)"),
