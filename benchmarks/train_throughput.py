@@ -22,6 +22,11 @@ encoder outputs, which it pays once before the first step; `cache_s` reports tha
 ratio, per configuration. Target: >= 2x on each.
 
     .venv/bin/python benchmarks/train_throughput.py [--steps 30] [--batch-size 16] [--clips 480] [--configs shipped,frozen_encoder]
+
+Padding-free packing (train.packing) is measured apart, earful against itself on utterances of
+varied length (the frozen-encoder configuration, rows padded vs packed, everything else alike):
+
+    .venv/bin/python benchmarks/train_throughput.py --packing-data runs/corpus/train.jsonl --out benchmarks/results/packing.json
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ CONFIGS = {
     "shipped": [],  # encoder LoRA + utterance normalisation, as users train it
     "frozen_encoder": ["model.lora=null", "model.audio_norm=null"],  # only the projector trains
 }
+# --packing-data: earful against itself on utterances of varied length, padded rows vs packed ones.
+PACKING = {"padded": CONFIGS["frozen_encoder"], "packed": [*CONFIGS["frozen_encoder"], "train.packing=true"]}
 
 
 def manifest(folder: Path, n: int) -> Path:
@@ -55,14 +62,15 @@ def manifest(folder: Path, n: int) -> Path:
     return path
 
 
-def run_earful(train_manifest: Path, work: Path, steps: int, batch_size: int, lr: float, config: str) -> dict:
+def run_earful(train_manifest: Path, work: Path, steps: int, batch_size: int, lr: float, config: str, extra: list[str] = ()) -> dict:
     from earful.train.recipe import load_recipe
     from earful.train.trainer import train
 
+    overrides = CONFIGS[config] if config in CONFIGS else PACKING[config]
     recipe = load_recipe(ROOT / "recipes" / "digits.yaml", [f"data.train={train_manifest}", "data.eval=null", f"train.max_steps={steps}",
                                                             f"train.batch_size={batch_size}", f"train.lr={lr}", "train.warmup_steps=0",
                                                             "train.save_every=0", "train.eval_every=0", "train.log_every=1", "train.text_gate=off",
-                                                            *CONFIGS[config]])
+                                                            "data.no_speech_clips=0", *overrides, *extra])
     start = time.perf_counter()
     summary = train(recipe, work / f"earful-{config}")
     wall = time.perf_counter() - start
@@ -120,14 +128,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default="shipped,frozen_encoder", help=f"comma-separated, of {', '.join(CONFIGS)}")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
     p.add_argument("--side", choices=("earful", "hf"), help=argparse.SUPPRESS)  # internal: one side, in its own process
-    p.add_argument("--config", choices=tuple(CONFIGS), help=argparse.SUPPRESS)
+    p.add_argument("--config", choices=(*CONFIGS, *PACKING), help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
+    p.add_argument("--packing-data", help="a manifest of utterances of varied length (e.g. a corpus from `earful data prepare sentences`): "
+                                          "measure earful's padded rows against packed ones (train.packing) on it, instead of the above")
+    p.add_argument("--pack-tokens", type=int, default=None, help="with --packing-data: train.pack_tokens (default: the batch's longest)")
+    p.add_argument("--manifest", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.side:  # each side runs in a fresh process: Trainer/accelerate leave process state that slows what follows
         work = Path(a.work)
+        data = Path(a.manifest) if a.manifest else work / "train.jsonl"
+        extra = [f"train.pack_tokens={a.pack_tokens}"] if a.pack_tokens and a.config == "packed" else []
         run = run_earful if a.side == "earful" else run_hf_trainer
-        (work / f"{a.side}-{a.config}.json").write_text(json.dumps(run(work / "train.jsonl", work, a.steps, a.batch_size, a.lr, a.config)))
+        result = run(data, work, a.steps, a.batch_size, a.lr, a.config, extra) if a.side == "earful" else \
+            run(data, work, a.steps, a.batch_size, a.lr, a.config)
+        (work / f"{a.side}-{a.config}.json").write_text(json.dumps(result))
         return 0
+    if a.packing_data:
+        return packing_report(a)
     configs = [c.strip() for c in a.configs.split(",") if c.strip()]
     if not configs or any(c not in CONFIGS for c in configs):
         p.error(f"--configs: expected a comma-separated list of {', '.join(CONFIGS)}, found {a.configs!r}")
@@ -158,6 +176,36 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = write_report(a.out, report)
     print(f"wrote {out}")
+    return 0
+
+
+def packing_report(a) -> int:
+    """earful padded vs earful packed (train.packing), frozen encoder, on --packing-data; each in a fresh process."""
+    import subprocess
+
+    from earful.data.manifest import read_manifest, write_manifest
+
+    started = time.perf_counter()
+    rows = read_manifest(a.packing_data)[: a.clips]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        write_manifest(rows, work / "train.jsonl")
+        for config in PACKING:
+            subprocess.run([sys.executable, __file__, "--side", "earful", "--config", config, "--work", str(work), "--steps", str(a.steps),
+                            "--batch-size", str(a.batch_size), "--lr", str(a.lr), *(["--pack-tokens", str(a.pack_tokens)] if a.pack_tokens else [])],
+                           check=True)
+            results[config] = json.loads((work / f"earful-{config}.json").read_text())
+    ratio = results["packed"]["samples_per_s"] / results["padded"]["samples_per_s"]
+    seconds = [r.duration for r in rows]
+    report = {"padded": results["padded"], "packed": results["packed"], "speedup_samples_per_s": round(ratio, 2),
+              "data": str(a.packing_data), "clips": len(rows), "clip_seconds": {"min": round(min(seconds), 2), "max": round(max(seconds), 2),
+                                                                               "mean": round(sum(seconds) / len(seconds), 2)},
+              "steps": a.steps, "batch_size": a.batch_size, "pack_tokens": a.pack_tokens,
+              "model": "recipes/digits.yaml with the encoder frozen whole (outputs cached), batches grouped by length as earful does",
+              **footer(started)}
+    print(f"padded {results['padded']['samples_per_s']} samples/s, packed {results['packed']['samples_per_s']}: {ratio:.2f}x")
+    print(f"wrote {write_report(a.out, report)}")
     return 0
 
 
