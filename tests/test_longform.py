@@ -147,6 +147,9 @@ def test_vad_segments_cover_the_speech_in_order_with_the_models_own_answers(serv
     assert verbose["text"] == " ".join(s["text"] for s in segments if s["text"])
     assert all(s["tokens"] and s["temperature"] == 0.0 and s["seek"] == round(s["start"] * 100) for s in segments)
     assert verbose["usage"] == {"type": "duration", "seconds": int(np.ceil(seconds))}
+    # earful.load().transcribe takes the long recording too (a path, or the waveform itself): the same text.
+    assert served.lm.transcribe(path) == verbose["text"]
+    assert served.lm.transcribe(sf.read(path, dtype="float32")) == verbose["text"]
 
 
 SRT_CUE = re.compile(r"(\d+)\n(\d\d):(\d\d):(\d\d),(\d{3}) --> (\d\d):(\d\d):(\d\d),(\d{3})\n(.+?)\n\n", re.S)

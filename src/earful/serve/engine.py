@@ -546,8 +546,25 @@ class SpeechLM:
         yield from pieces
         future.result()  # re-raise what went wrong in the worker, if anything
 
-    def transcribe(self, audio: AudioLike, *, max_new_tokens: int = 64) -> str:
-        """What is said in a clip, asked with the prompt the model was trained on."""
+    def transcribe(self, audio: AudioLike, *, max_new_tokens: int = 64, split: str = "vad") -> str:
+        """What is said in a recording, asked with the prompt the model was trained on.
+
+        A recording longer than the encoder takes (Whisper: 30 s) is cut into segments (`split`:
+        "vad" or "fixed") and decoded a block at a time, as `submit_long`; its segments' texts are
+        joined. Bounded by `max_audio_seconds` as every clip is.
+        """
+        if isinstance(audio, (str, Path, bytes)):
+            long = self.needs_long_form(audio, str(audio) if not isinstance(audio, bytes) else "<audio>")
+        else:  # a waveform at the model's rate, or (waveform, its rate)
+            wave, rate = audio if isinstance(audio, tuple) else (audio, self.sampling_rate)
+            long = self.encoder_seconds is not None and len(wave) / rate > self.encoder_seconds
+            if long:
+                from .speech_out import wav_bytes
+
+                audio = wav_bytes(np.asarray(wave, np.float32), rate)
+        if long:
+            transcript, _ = self.submit_long(audio, split=split).result()
+            return transcript.text
         return self.chat(audio=audio, max_new_tokens=max_new_tokens)
 
     # -- long recordings (POST /v1/audio/transcriptions) -------------------------------------------
