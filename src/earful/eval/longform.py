@@ -307,6 +307,20 @@ def _vad_model():
     return _VAD_MODEL
 
 
+def vad_probabilities(wave: np.ndarray) -> tuple[np.ndarray, int]:
+    """Silero's speech probability of each `VAD_WINDOW`-sample window of a 16 kHz wave, scanned
+    from a fresh state: (probabilities (n,), samples per window). For live audio (`/v1/realtime`)."""
+    import torch
+
+    n = len(wave) // VAD_WINDOW
+    with _VAD_LOCK:
+        model = _vad_model()
+        model.reset_states()
+        probs = [float(model(torch.from_numpy(np.ascontiguousarray(wave[i * VAD_WINDOW : (i + 1) * VAD_WINDOW], dtype=np.float32)), VAD_RATE))
+                 for i in range(n)]
+    return np.asarray(probs, dtype=np.float32), VAD_WINDOW
+
+
 def _speech(wave: np.ndarray, segment_seconds: float) -> list[tuple[int, int]]:
     """(start, end) samples of the speech regions of a 16 kHz buffer, each at most `segment_seconds`."""
     import torch

@@ -2,12 +2,13 @@
 
 Routes: `POST /v1/chat/completions` (text and `input_audio` content parts, multi-turn, `stream`
 as server-sent events, `stop`, `seed`), `POST /v1/audio/transcriptions` (multipart `file`),
-`GET /v1/models`, `GET /health`. Every error uses OpenAI's shape, `{"error": {"message", "type",
-"param", "code"}}`, so the official clients raise their usual exceptions: 400 for a malformed
-request (the message names the field and the problem; a field of the wrong type too, never
-ignored), 401 without the API key, 404 for an unknown model or route, 408 for a body that stops
-arriving, 413 for a body over the size limit, 429 with `Retry-After` when the queue is full, and
-500 (logged with its traceback) for a fault of the server's own.
+`GET /v1/models`, `GET /health`, and the WebSocket `/v1/realtime` (earful.serve.realtime).
+Every error uses OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so the
+official clients raise their usual exceptions: 400 for a malformed request (the message names the
+field and the problem; a field of the wrong type too, never ignored), 401 without the API key,
+404 for an unknown model or route, 408 for a body that stops arriving, 413 for a body over the
+size limit, 429 with `Retry-After` when the queue is full, and 500 (logged with its traceback) for
+a fault of the server's own.
 
 A client that leaves is let go: its generation is cancelled at the next token and the log gets
 one line. Request audio is decoded in memory: no path or file name from a request reaches the disk.
@@ -30,7 +31,7 @@ from pathlib import PurePath
 from typing import Callable
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -426,6 +427,32 @@ def create_app(lm: SpeechLM | SpeakingLM, *, api_key: str | None = None, max_upl
         return model_card()
 
     spoken = SpokenAnswers()
+
+    @app.websocket("/v1/realtime")
+    async def realtime(ws: WebSocket):
+        """A live session (earful.serve.realtime): audio streamed in, the answer streamed out as it is decoded."""
+        from .realtime import RealtimeSession
+
+        # The key comes as a header (server-side clients) or, from a browser, as OpenAI's subprotocol.
+        offered = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+        keys = [p.removeprefix("openai-insecure-api-key.") for p in offered if p.startswith("openai-insecure-api-key.")]
+        scheme, _, token = ws.headers.get("authorization", "").partition(" ")
+        given = token.strip() if scheme.lower() == "bearer" else (keys[0] if keys else "")
+        model = ws.query_params.get("model")
+        refusal = None  # (close code, type, code, message): told as an error event, then the socket closes
+        if api_key is not None and not hmac.compare_digest(given.encode(), api_key.encode()):
+            refusal = (1008, "authentication_error", "invalid_api_key", "a valid API key is required: send 'Authorization: Bearer KEY'")
+        elif model is not None and model != lm.name:
+            refusal = (1008, "invalid_request_error", "model_not_found", f"the model {model[:100]!r} does not exist here; this server runs {lm.name!r}")
+        elif isinstance(lm, SpeakingLM):
+            refusal = (1003, "invalid_request_error", "unsupported_model", f"{lm.name} continues speech; /v1/realtime serves listening models")
+        await ws.accept(subprotocol="realtime" if "realtime" in offered else None)
+        if refusal is not None:
+            close, kind, code, message = refusal
+            await ws.send_text(json.dumps({"type": "error", "error": {"type": kind, "code": code, "message": message, "param": None}}))
+            await ws.close(code=close, reason=message[:120])
+            return
+        await RealtimeSession(lm, ws).run()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
