@@ -10,6 +10,11 @@ recordings of one speaker end to end), each system is timed from the waveform in
 - pocketsphinx: 5.1.1's default US English model and language model (no token stream: it gives
   a result at the end, so its time to first token is its time to the whole result).
 
+Realtime (/v1/realtime on a real server in this process): a 3 s utterance streamed by a
+WebSocket client in 100 ms chunks of 24 kHz pcm16; the time from the last chunk (then commit and
+response.create) to response.done, beside POST /v1/chat/completions of the same audio whole.
+The audio is encoded at commit, not as it arrives.
+
 Spoken answers (--voice, default piper:joe@noise0,w0): time from the waveform to the first audio
 chunk of the answer read out by the voice, earful's streamed path (`SpeechLM.stream_chat`, cut into
 sentences, each spoken as soon as it is complete: what `earful serve --voice` streams) against the
@@ -70,7 +75,8 @@ def clips() -> dict[str, np.ndarray]:
         total += len(w)
         if total >= 10 * SR:
             break
-    return {"1s": one, "10s": np.concatenate(parts)[: 10 * SR]}
+    joined = np.concatenate(parts)
+    return {"1s": one, "10s": joined[: 10 * SR], "3s": joined[: 3 * SR]}
 
 
 def timed_generate(run, repeats: int) -> dict:
@@ -186,6 +192,72 @@ def spoken_answer_times(model_dir: str, voice: str, wave: np.ndarray, repeats: i
     return out
 
 
+def realtime_times(model_dir: str, wave: np.ndarray, repeats: int) -> dict:
+    """/v1/realtime on a real uvicorn server in this process: a websockets client streams `wave` as
+    24 kHz pcm16 in 100 ms chunks, then commits and asks (turn_detection null); the time from the
+    last chunk to response.done, next to the same audio through POST /v1/chat/completions (whole file)."""
+    import base64
+    import io
+    import json
+    import socket
+    import threading
+
+    import httpx
+    import soundfile as sf
+    import uvicorn
+    from websockets.sync.client import connect
+
+    import earful
+    from earful.audio import resample
+    from earful.serve.app import create_app
+
+    lm = earful.load(model_dir, name="bench")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(lm, ui=False), log_level="warning", log_config=None))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    port = sock.getsockname()[1]
+    pcm = (np.clip(resample(wave, SR, 24000), -1, 1) * 32767).astype("<i2").tobytes()
+    chunks = [base64.b64encode(pcm[i : i + 4800]).decode() for i in range(0, len(pcm), 4800)]  # 100 ms each
+    buf = io.BytesIO()
+    sf.write(buf, wave, SR, format="WAV", subtype="PCM_16")
+    body = {"model": "bench", "messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(buf.getvalue()).decode(), "format": "wav"}}]}]}
+
+    def over_websocket() -> tuple[float, str]:
+        with connect(f"ws://127.0.0.1:{port}/v1/realtime", max_size=None) as ws:
+            ws.recv()  # session.created
+            ws.send(json.dumps({"type": "session.update", "session": {"turn_detection": None}}))
+            ws.recv()
+            for c in chunks:
+                ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": c}))
+            start = time.perf_counter()
+            ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            ws.send(json.dumps({"type": "response.create"}))
+            while True:
+                event = json.loads(ws.recv())
+                if event["type"] == "response.done":
+                    return time.perf_counter() - start, event["response"]["output"][0]["content"][0]["text"]
+
+    def over_http() -> tuple[float, str]:
+        start = time.perf_counter()
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120)
+        return time.perf_counter() - start, r.json()["choices"][0]["message"]["content"]
+
+    out = {"audio_seconds": round(len(wave) / SR, 2)}
+    for name, run in (("realtime_last_chunk_to_final_text", over_websocket), ("http_chat_completion_whole_file", over_http)):
+        run()  # warm-up
+        runs = [run() for _ in range(repeats)]
+        out[name] = {"seconds": round(statistics.median(r[0] for r in runs), 4), "answer": runs[-1][1]}
+    server.should_exit = True
+    thread.join(timeout=30)
+    lm.close()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(ROOT / "runs" / "digits" / "model"), help="trained earful model folder (default runs/digits/model)")
@@ -200,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     waves = clips()
     earful_run, whisper_run = earful_system(a.model, a.new_tokens), whisper_system(a.new_tokens)
     results = {}
-    for name, wave in waves.items():
+    for name, wave in ((k, waves[k]) for k in ("1s", "10s")):
         e = timed_generate(lambda clock: earful_run(wave, clock), a.repeats)
         w = timed_generate(lambda clock: whisper_run(wave, clock), a.repeats)
         s = pocketsphinx_time(wave, a.repeats)
@@ -215,10 +287,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(f"{name}: earful TTFT {e['ttft_s'] * 1000:.0f} ms, {e['tokens_per_s']:.0f} tok/s | whisper TTFT {w['ttft_s'] * 1000:.0f} ms, "
               f"{w['tokens_per_s']:.0f} tok/s | pocketsphinx result {s['total_s'] * 1000:.0f} ms")
+    realtime = realtime_times(a.model, waves["3s"], a.repeats)
+    print(f"realtime, {realtime['audio_seconds']} s utterance: last chunk -> final text "
+          f"{realtime['realtime_last_chunk_to_final_text']['seconds'] * 1000:.0f} ms (POST of the whole file "
+          f"{realtime['http_chat_completion_whole_file']['seconds'] * 1000:.0f} ms)")
     spoken = spoken_answer_times(a.model, a.voice, waves["1s"], a.repeats)
     print(f"spoken answer, 1s clip: earful first audio {spoken['earful']['first_audio_s'] * 1000:.0f} ms | cascade (Whisper tiny.en -> "
           f"{a.voice}) {spoken['cascade_whisper_tiny_then_voice']['first_audio_s'] * 1000:.0f} ms")
-    report = {"clips": results, "spoken_answer_1s": spoken, "model": a.model, "new_tokens": a.new_tokens, "repeats": a.repeats, **footer(started)}
+    report = {"clips": results, "realtime_3s": realtime, "spoken_answer_1s": spoken, "model": a.model, "new_tokens": a.new_tokens, "repeats": a.repeats, **footer(started)}
     out = write_report(a.out, report)
     print(f"wrote {out}")
     return 0
