@@ -9,7 +9,9 @@ clip is transcribed by the bundled Whisper tiny.en (30 s padding, greedy) as:
 - units_k{K}_piper_joe: the clip's units (non-deduplicated, Whisper tiny.en's last encoder layer,
   k-means fitted on the corpus's TRAIN voices and FSDD's --fit-speakers) decoded by a `piper-joe`
   vocoder (units -> z adapter + Piper's frozen HiFi-GAN) trained on Piper's own speech of
-  train-split sentences.
+  train-split sentences;
+- units_k{K}_griffin_lim: the same units decoded by a `griffin-lim` vocoder (units -> log-mel
+  adapter + Griffin-Lim, no vocoder weights) trained on the k-means fit clips themselves (many voices).
 
 WER is word error rate after earful's ASR normalisation (digit words for FSDD). The vocoder's
 speed is seconds of audio made per second of decoding (units in, wave out) on this machine's
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocoder-texts", type=int, default=300, help="train sentences Piper speaks to train each vocoder")
     p.add_argument("--steps", type=int, default=1500, help="adapter steps (L1 on z) per vocoder (default 1500)")
     p.add_argument("--stft-steps", type=int, default=0, help="then steps through the frozen generator (default 0)")
+    p.add_argument("--vocoders", default="piper-joe,griffin-lim", help="which vocoders to fit and score (default both)")
+    p.add_argument("--gl-steps", type=int, default=1500, help="griffin-lim adapter steps per k (default 1500)")
     p.add_argument("--test-clips", type=int, default=60, help="held-out-voice test clips (default 60, spread over voices)")
     p.add_argument("--test-speakers", default="george,yweweler", help="FSDD speakers the units never heard")
     p.add_argument("--test-fsdd-clips", type=int, default=40)
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from earful.data.manifest import read_manifest
     from earful.eval.generation import transcribe_whisper
     from earful.tokenizers.units import LayerFeatures, UnitTokenizer, extract_features, fit_kmeans
-    from earful.vocoders import fit_piper_joe
+    from earful.vocoders import fit_griffin_lim, fit_piper_joe
     from earful.vocoders.griffinlim import LogMel
 
     started = time.perf_counter()
@@ -132,26 +136,34 @@ def main(argv: list[str] | None = None) -> int:
     # -- one piper-joe vocoder per k, trained on Piper's own speech of train sentences -------------
     texts = _sample([r for r in train if r.speaker and r.speaker.startswith("piper")] or train, a.vocoder_texts, a.seed)
     texts = sorted({r.text for r in texts}) or [r.text for r in train[: a.vocoder_texts]]
+    kinds = [v.strip() for v in a.vocoders.split(",") if v.strip()]
+    fit_waves = None
     fits = {}
     for k, (tok, folder) in tokenizers.items():
-        voc_dir = work / f"vocoder_k{k}"
-        t0 = time.perf_counter()
-        vocoder, fit = fit_piper_joe(tok, texts, a.steps, stft_steps=a.stft_steps, seed=a.seed, units_folder=folder)
-        vocoder.save_pretrained(voc_dir)
-        fits[k] = {**fit, "train_seconds": round(time.perf_counter() - t0, 1), "folder": str(voc_dir)}
-        for name, (waves, refs, digits) in sets.items():
-            units = tok.encode_batch(waves, dedup=False)
-            t1 = time.perf_counter()
-            out = [vocoder.decode(u) for u in units]
-            decode_s = time.perf_counter() - t1
-            made_s = sum(len(w) for w in out) / vocoder.sampling_rate
-            resyn = [resample(w, vocoder.sampling_rate, SR) for w in out]
-            results[name][f"units_k{k}_piper_joe"] = {
-                "wer": wer(refs, transcribe_whisper(resyn), digits),
-                "vocoder_x_real_time": round(made_s / decode_s, 1)}
-            r = results[name][f"units_k{k}_piper_joe"]
-            print(f"{name} k={k}: resynthesis WER {r['wer']:.3f} (original {results[name]['original']['wer']:.3f}), "
-                  f"vocoder {r['vocoder_x_real_time']:.0f}x real time")
+        for kind in kinds:
+            voc_dir = work / f"vocoder_{kind}_k{k}"
+            t0 = time.perf_counter()
+            if kind == "piper-joe":
+                vocoder, fit = fit_piper_joe(tok, texts, a.steps, stft_steps=a.stft_steps, seed=a.seed, units_folder=folder)
+            elif kind == "griffin-lim":
+                fit_waves = fit_waves or [load_audio(r.audio, SR) for r in fit_rows]
+                vocoder, fit = fit_griffin_lim(tok, fit_waves, a.gl_steps, seed=a.seed, units_folder=folder)
+            else:
+                raise SystemExit(f"--vocoders: {kind!r} is not piper-joe or griffin-lim")
+            vocoder.save_pretrained(voc_dir)
+            key = f"units_k{k}_{kind.replace('-', '_')}"
+            fits[key] = {**fit, "train_seconds": round(time.perf_counter() - t0, 1), "folder": str(voc_dir)}
+            for name, (waves, refs, digits) in sets.items():
+                units = tok.encode_batch(waves, dedup=False)
+                t1 = time.perf_counter()
+                out = [vocoder.decode(u) for u in units]
+                decode_s = time.perf_counter() - t1
+                made_s = sum(len(w) for w in out) / vocoder.sampling_rate
+                resyn = [resample(w, vocoder.sampling_rate, SR) for w in out]
+                results[name][key] = {"wer": wer(refs, transcribe_whisper(resyn), digits), "vocoder_x_real_time": round(made_s / decode_s, 1)}
+                r = results[name][key]
+                print(f"{name} k={k} {kind}: resynthesis WER {r['wer']:.3f} (original {results[name]['original']['wer']:.3f}), "
+                      f"vocoder {r['vocoder_x_real_time']:.0f}x real time", flush=True)
     for name in sets:
         base = results[name]["original"]["wer"]
         for key, r in results[name].items():
