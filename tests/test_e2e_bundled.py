@@ -72,3 +72,19 @@ def test_the_digits_model_answers_no_speech_to_what_is_not_speech(digits_model, 
     refused = [u.id for u in clips if said[u.audio].strip() == answer]
     assert len(refused) >= len(clips) - 2, {u.id: said[u.audio] for u in clips}
     assert not [p for p in speech if said[str(p)].strip() == answer], said
+
+
+def test_int8_gives_the_fp32_answers(digits_model):
+    """--quantize int8 (the LLM's linear layers but its MLP output projections in int8) answers as
+    fp32 does on held-out clips; int4, with no CPU kernel here, is one line and exit 2."""
+    import earful
+    from earful.models.quantize import quantized_layers
+
+    out, *_ = digits_model
+    clips = [FSDD_REC / f"{d}_yweweler_{d + 7}.wav" for d in range(10)]
+    with earful.load(out) as fp32, earful.load(out, quantize="int8") as int8:
+        assert quantized_layers(int8.model) > 0 and quantized_layers(int8.model.audio_tower) == 0
+        same = [fp32.transcribe(c) == int8.transcribe(c) for c in clips]
+    assert sum(same) >= 9, same
+    r = run_cli("transcribe", "--model", out, clips[0], "--quantize", "int4")
+    assert r.returncode == 2 and "int4" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

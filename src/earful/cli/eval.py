@@ -11,7 +11,8 @@ from ._shared import check_prompt, load_clips, load_unit_lm
 @verb("eval asr")
 def eval_asr(*, model: str, data: str, out: str, batch_size: Count = 16, prompt: str | None = None, limit: Count | None = None,
              normalize: Literal["whisper", "digits"] = "whisper", split: Literal["vad", "fixed"] = "vad",
-             segment_seconds: Positive | None = None, overlap: NonNegative = 2.0, max_hours: Positive = 4.0) -> None:
+             segment_seconds: Positive | None = None, overlap: NonNegative = 2.0, max_hours: Positive = 4.0,
+             quantize: Literal["int8", "int4"] | None = None) -> None:
     """Transcribe a manifest and write corpus WER/CER (both sides normalised first) to a JSON report.
 
     Recordings longer than the model's encoder takes whole (Whisper: 30 s) are transcribed
@@ -31,6 +32,7 @@ def eval_asr(*, model: str, data: str, out: str, batch_size: Count = 16, prompt:
         segment_seconds: the longest segment (default: what the encoder takes, Whisper's 30 s)
         overlap: fixed windows: seconds each shares with the next (default 2)
         max_hours: reject longer recordings (default 4)
+        quantize: run the LLM's linear layers in int8 on the CPU (to measure what it costs)
     """
     from ..data.manifest import read_manifest
     from ..eval.asr import evaluate_asr, write_report
@@ -41,7 +43,7 @@ def eval_asr(*, model: str, data: str, out: str, batch_size: Count = 16, prompt:
     check_prompt(prompt)
     utts = read_manifest(data)
     utts = utts if limit is None else utts[:limit]
-    lm, processor = load_speech_lm(model)
+    lm, processor = load_speech_lm(model, quantize=quantize)
     prompt = prompt or processor.prompt_format.default_prompt
     encoder_limit = max_audio_seconds(processor.feature_extractor, processor.config.encoder_config)
     if any(is_long(_seconds(u.audio), encoder_limit) for u in utts):

@@ -15,7 +15,7 @@ from ._shared import audio_front, check_prompt, load_clips
 def transcribe(files: Annotated[list[str], Arg(metavar="FILE")], *, model: str, prompt: str | None = None, batch_size: Count = 8,
                format: Literal["text", "json", "srt", "vtt"] = "text", split: Literal["vad", "fixed"] = "vad",
                segment_seconds: Positive | None = None, overlap: NonNegative = 2.0, max_hours: Positive = 4.0,
-               out_dir: str | None = None) -> int:
+               out_dir: str | None = None, quantize: Literal["int8", "int4"] | None = None) -> int:
     """Print each audio file's transcript: 'FILE<TAB>transcript', or JSON, SRT or WebVTT with timestamps.
 
     A file longer than the model's encoder takes whole (Whisper: 30 s) is transcribed long-form:
@@ -35,6 +35,7 @@ def transcribe(files: Annotated[list[str], Arg(metavar="FILE")], *, model: str, 
         overlap: fixed windows: seconds each shares with the next (default 2)
         max_hours: refuse longer files (default 4)
         out_dir: write each transcript to OUT_DIR/NAME.txt|json|srt|vtt instead of printing it
+        quantize: run the LLM's linear layers in int8 on the CPU (int4: refused where no kernel exists)
     """
     from ..audio import AudioError
     from ..eval.asr import generate_text, load_clip
@@ -74,7 +75,7 @@ def transcribe(files: Annotated[list[str], Arg(metavar="FILE")], *, model: str, 
         return 2
     if not jobs:
         return 1 if failures else 0
-    lm, processor = load_speech_lm(model)
+    lm, processor = load_speech_lm(model, quantize=quantize)
     prompt = prompt or processor.prompt_format.default_prompt
 
     def emit(f: str, transcript) -> None:
@@ -120,7 +121,8 @@ def transcribe(files: Annotated[list[str], Arg(metavar="FILE")], *, model: str, 
 
 @verb("chat")
 def chat(*, model: str, audio: str, prompt: str | None = None, max_new_tokens: Count = 128, sample: bool = False,
-         temperature: Positive = 0.7, num_beams: Count = 1, speak_to: str | None = None, voice: str = "piper:joe@noise0,w0") -> int:
+         temperature: Positive = 0.7, num_beams: Count = 1, speak_to: str | None = None, voice: str = "piper:joe@noise0,w0",
+         quantize: Literal["int8", "int4"] | None = None) -> int:
     """Answer a prompt about one audio clip. The prompt may place <|audio|>; otherwise audio comes first.
 
     With --speak-to answer.wav the answer is also read out by --voice (a cascade: the model's
@@ -132,6 +134,7 @@ def chat(*, model: str, audio: str, prompt: str | None = None, max_new_tokens: C
         temperature: with --sample (default 0.7)
         speak_to: also write the answer, spoken, to this WAV file
         voice: the offline voice for --speak-to (piper:joe, espeak:en-gb-scotland+m3, kokoro:jm_kumo, ...)
+        quantize: run the LLM's linear layers in int8 on the CPU
     """
     from ..eval.asr import generate_text
     from ..models.build import load_speech_lm
@@ -147,7 +150,7 @@ def chat(*, model: str, audio: str, prompt: str | None = None, max_new_tokens: C
     waves, _, failures = load_clips([audio], front=audio_front(model))
     if failures:
         return 1
-    lm, processor = load_speech_lm(model)
+    lm, processor = load_speech_lm(model, quantize=quantize)
     text = place_audio(prompt or processor.prompt_format.default_prompt)
     kwargs = {"do_sample": True, "temperature": temperature} if sample else {"num_beams": num_beams}
     answer = generate_text(lm, processor, waves, text, max_new_tokens=max_new_tokens, **kwargs)[0]
@@ -166,7 +169,7 @@ def chat(*, model: str, audio: str, prompt: str | None = None, max_new_tokens: C
 def serve(*, model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, name: str | None = None,
           max_upload_mb: float = 25.0, max_audio_seconds: float = 120.0, max_batch_size: int = 8, max_queue: int = 64,
           max_request_audio_seconds: float = 120.0, max_clips: int = 8, read_timeout: float = 15.0, ui: bool = True,
-          voice: str | None = None) -> int:
+          voice: str | None = None, quantize: Literal["int8", "int4"] | None = None) -> int:
     """Serve a trained model over an OpenAI-compatible HTTP API, with a Gradio voice UI on /ui.
 
     Routes: POST /v1/chat/completions (input_audio content parts, stream), POST
@@ -193,6 +196,7 @@ def serve(*, model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str
         read_timeout: seconds a request body may send nothing before a 408 (default 15)
         ui: don't mount the Gradio UI on /ui
         voice: read a listening LM's answers out with this offline voice when asked (piper:joe, espeak:en-gb-scotland+m3, kokoro:jm_kumo, ...)
+        quantize: run a listening LM's linear layers in int8 on the CPU
     """
     import errno
     import os
@@ -224,7 +228,8 @@ def serve(*, model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str
     api_key = api_key or os.environ.get("EARFUL_API_KEY") or None
     try:
         lm = load(model, name=name, max_batch_size=max_batch_size, max_audio_seconds=max_audio_seconds, max_queue=max_queue,
-                  max_request_audio_seconds=max_request_audio_seconds, max_clips=max_clips, **({"voice": voice} if voice else {}))
+                  max_request_audio_seconds=max_request_audio_seconds, max_clips=max_clips, **({"voice": voice} if voice else {}),
+                  **({"quantize": quantize} if quantize else {}))
         app = create_app(lm, api_key=api_key, max_upload_bytes=int(max_upload_mb * 1024 * 1024), read_timeout_s=read_timeout, ui=ui)
     except BaseException:
         sock.close()

@@ -118,13 +118,16 @@ def build_speech_lm(
     return model, SpeechLMProcessor(tokenizer, AutoFeatureExtractor.from_pretrained(enc_dir), config, prompt_format)
 
 
-def load_speech_lm(folder: str | Path, device: str | torch.device = "cpu",
-                   dtype: torch.dtype | str = torch.float32) -> tuple[SpeechLMForConditionalGeneration, SpeechLMProcessor]:
+def load_speech_lm(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
+                   quantize: str | None = None) -> tuple[SpeechLMForConditionalGeneration, SpeechLMProcessor]:
     """A trained listening LM (in `dtype`, float32 by default) and its processor from a
-    `save_pretrained` folder (or hub id)."""
+    `save_pretrained` folder (or hub id); `quantize="int8"`: the LLM's linear layers in int8 for CPU
+    inference (earful.models.quantize)."""
+    from .quantize import quantize as quantized
+
     folder = resolve(str(folder))
     model = SpeechLMForConditionalGeneration.from_pretrained(folder, dtype=_dtype(dtype)).to(device).eval()
-    return model, SpeechLMProcessor.from_pretrained(folder, config=model.config)
+    return quantized(model, quantize), SpeechLMProcessor.from_pretrained(folder, config=model.config)
 
 
 def save_speech_lm(model: SpeechLMForConditionalGeneration, processor: SpeechLMProcessor, folder: str | Path) -> None:

@@ -730,18 +730,25 @@ class SpeechLM:
 
 
 def load(model: str | Path, *, device: str | None = None, name: str | None = None, **kwargs) -> SpeechLM | SpeakingLM:
-    """A trained model folder (or hub id): a listening LM as a `SpeechLM`, a units LM as a `SpeakingLM`."""
+    """A trained model folder (or hub id): a listening LM as a `SpeechLM`, a units LM as a `SpeakingLM`.
+
+    `quantize="int8"` runs a listening LM's LLM with int8 linear layers on the CPU
+    (earful.models.quantize); `voice=NAME` reads its answers out (earful.serve.speech_out).
+    """
     from ..models.build import load_speech_lm
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if is_units_model(model):
         from ..vocoders.speaking import load_speaking_unit_lm
 
+        if kwargs.get("quantize") not in (None, "none"):
+            raise EngineSettingsError(f"quantize={kwargs['quantize']!r}: {model} is a units LM; quantised inference is for listening LMs")
         if kwargs.get("voice") is not None:
             raise EngineSettingsError(f"voice={kwargs['voice']!r}: {model} is a units LM, which speaks for itself; a voice reads out a listening LM's text answers")
         limits = {k: v for k, v in kwargs.items() if k in ("max_audio_seconds", "max_queue")}
         return SpeakingLM(load_speaking_unit_lm(model, device=device), name=name or Path(str(model)).name, **limits)
-    lm, processor = load_speech_lm(model, device=device)
+    quantize = kwargs.pop("quantize", None)
+    lm, processor = load_speech_lm(model, device=device, quantize=quantize)
     return SpeechLM(lm, processor, name=name or Path(str(model)).name, **kwargs)
 
 
