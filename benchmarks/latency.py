@@ -10,6 +10,10 @@ recordings of one speaker end to end), each system is timed from the waveform in
 - pocketsphinx: 5.1.1's default US English model and language model (no token stream: it gives
   a result at the end, so its time to first token is its time to the whole result).
 
+Quantisation (--quantize int8): the same TTFT and decode speed with the LLM's linear layers in
+int8 (earful.models.quantize), and both models' accuracy on --accuracy-clips clips of
+--accuracy-speaker (a speaker the model never trained on).
+
 Realtime (/v1/realtime on a real server in this process): a 3 s utterance streamed by a
 WebSocket client in 100 ms chunks of 24 kHz pcm16; the time from the last chunk (then commit and
 response.create) to response.done, beside POST /v1/chat/completions of the same audio whole.
@@ -96,10 +100,10 @@ def timed_generate(run, repeats: int) -> dict:
             "total_s": round(statistics.median(total), 4), "new_tokens": len(tokens)}
 
 
-def earful_system(model_dir: str, new_tokens: int):
+def earful_system(model_dir: str, new_tokens: int, quantize: str | None = None):
     from earful.models.build import load_speech_lm
 
-    lm, processor = load_speech_lm(model_dir)
+    lm, processor = load_speech_lm(model_dir, quantize=quantize)
 
     @torch.no_grad()
     def run(wave, clock):
@@ -192,6 +196,23 @@ def spoken_answer_times(model_dir: str, voice: str, wave: np.ndarray, repeats: i
     return out
 
 
+def accuracy(model_dir: str, speaker: str, n: int, quantize: str | None) -> float:
+    """Share of `speaker`'s first n FSDD clips (by digit, round robin) whose transcript is the digit word."""
+    from earful.audio import load_audio
+    from earful.data.fsdd import default_fsdd_dir, fsdd_utterances
+    from earful.eval.asr import generate_text, normalize_digit_words
+    from earful.models.build import load_speech_lm
+
+    lm, processor = load_speech_lm(model_dir, quantize=quantize)
+    rows = sorted(fsdd_utterances(default_fsdd_dir(), [speaker]), key=lambda u: (int(u.id.rsplit("_", 1)[1]), u.id))[:n]
+    right = 0
+    for i in range(0, len(rows), 16):
+        batch = rows[i : i + 16]
+        said = generate_text(lm, processor, [load_audio(u.audio, SR) for u in batch], processor.prompt_format.default_prompt, max_new_tokens=8)
+        right += sum(normalize_digit_words(h) == normalize_digit_words(u.text) for h, u in zip(said, batch))
+    return round(right / len(rows), 4)
+
+
 def realtime_times(model_dir: str, wave: np.ndarray, repeats: int) -> dict:
     """/v1/realtime on a real uvicorn server in this process: a websockets client streams `wave` as
     24 kHz pcm16 in 100 ms chunks, then commits and asks (turn_detection null); the time from the
@@ -263,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=str(ROOT / "runs" / "digits" / "model"), help="trained earful model folder (default runs/digits/model)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens each LM generates (default 32)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quantize", default="int8", help="compare fp32 with this quantisation (int8; none: skip)")
+    p.add_argument("--accuracy-speaker", default="george", help="FSDD speaker for the fp32-vs-quantised accuracy (one the model never trained on)")
+    p.add_argument("--accuracy-clips", type=int, default=200)
     p.add_argument("--voice", default="piper:joe@noise0,w0", help="offline voice that reads the answers out (default piper:joe@noise0,w0)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latency.json"))
     a = p.parse_args(argv)
@@ -287,6 +311,23 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(f"{name}: earful TTFT {e['ttft_s'] * 1000:.0f} ms, {e['tokens_per_s']:.0f} tok/s | whisper TTFT {w['ttft_s'] * 1000:.0f} ms, "
               f"{w['tokens_per_s']:.0f} tok/s | pocketsphinx result {s['total_s'] * 1000:.0f} ms")
+    quantized = {}
+    if a.quantize not in ("none", ""):
+        q_run = earful_system(a.model, a.new_tokens, a.quantize)
+        for name in ("1s", "10s"):
+            wave = waves[name]
+            q = timed_generate(lambda clock: q_run(wave, clock), a.repeats)
+            e = results[name]["earful"]
+            quantized[name] = {a.quantize: q, "ttft_speedup_vs_fp32": round(e["ttft_s"] / q["ttft_s"], 2),
+                               "decode_speed_ratio_vs_fp32": round(q["tokens_per_s"] / e["tokens_per_s"], 2)}
+            print(f"{name} {a.quantize}: TTFT {q['ttft_s'] * 1000:.0f} ms, {q['tokens_per_s']:.0f} tok/s "
+                  f"(fp32 {e['ttft_s'] * 1000:.0f} ms, {e['tokens_per_s']:.0f} tok/s)")
+        del q_run
+        quantized["accuracy"] = {"speaker": a.accuracy_speaker, "clips": a.accuracy_clips,
+                                 "fp32": accuracy(a.model, a.accuracy_speaker, a.accuracy_clips, None),
+                                 a.quantize: accuracy(a.model, a.accuracy_speaker, a.accuracy_clips, a.quantize)}
+        print(f"accuracy on {a.accuracy_clips} {a.accuracy_speaker} clips: fp32 {quantized['accuracy']['fp32']}, "
+              f"{a.quantize} {quantized['accuracy'][a.quantize]}")
     realtime = realtime_times(a.model, waves["3s"], a.repeats)
     print(f"realtime, {realtime['audio_seconds']} s utterance: last chunk -> final text "
           f"{realtime['realtime_last_chunk_to_final_text']['seconds'] * 1000:.0f} ms (POST of the whole file "
@@ -294,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     spoken = spoken_answer_times(a.model, a.voice, waves["1s"], a.repeats)
     print(f"spoken answer, 1s clip: earful first audio {spoken['earful']['first_audio_s'] * 1000:.0f} ms | cascade (Whisper tiny.en -> "
           f"{a.voice}) {spoken['cascade_whisper_tiny_then_voice']['first_audio_s'] * 1000:.0f} ms")
-    report = {"clips": results, "realtime_3s": realtime, "spoken_answer_1s": spoken, "model": a.model, "new_tokens": a.new_tokens, "repeats": a.repeats, **footer(started)}
+    report = {"clips": results, "quantized": quantized, "realtime_3s": realtime, "spoken_answer_1s": spoken, "model": a.model, "new_tokens": a.new_tokens, "repeats": a.repeats, **footer(started)}
     out = write_report(a.out, report)
     print(f"wrote {out}")
     return 0
