@@ -121,6 +121,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="passes over every (topic, form) pair, each with new seeds")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--max-requests", type=int, default=None, help="stop after this many requests")
+    p.add_argument("--resume", action="store_true", help="go on from the requests --out already holds (same seed and batch size)")
     args = p.parse_args()
 
     folder = resolve("bundled:smollm2-135m-instruct")
@@ -131,9 +132,16 @@ def main() -> None:
     requests = [form.format(topic=t) for _ in range(args.rounds) for t in topics for form in FORMS]
     random.Random(args.seed).shuffle(requests)  # any prefix of the run covers every topic and form
     requests = requests[: args.max_requests]
-    seen, kept = set(), []
+    seen, kept, first = set(), [], 0
+    if args.resume and Path(args.out).is_file():  # go on from the requests the file says it holds
+        text = Path(args.out).read_text(encoding="utf-8")
+        first = int(re.search(r"from the first (\d+) of", text).group(1))
+        kept = [t for t in text.splitlines() if t and not t.startswith("#")]
+        seen = {key(t) for t in kept}
+        if first % args.batch_size:
+            raise SystemExit(f"{args.out} holds {first} requests, not a whole number of batches of {args.batch_size}")
     start = time.time()
-    for b in range(0, len(requests), args.batch_size):
+    for b in range(first, len(requests), args.batch_size):
         chats = [tok.apply_chat_template([{"role": "user", "content": r}], tokenize=False, add_generation_prompt=True)
                  for r in requests[b : b + args.batch_size]]
         batch = tok(chats, return_tensors="pt", padding=True)
