@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{results[name]['griffin_lim_true_mel']['wer']:.3f}")
 
     # -- one piper-joe vocoder per k, trained on Piper's own speech of train sentences -------------
-    texts = _sample([r for r in train if r.speaker and r.speaker.startswith("piper")] or train, a.vocoder_texts, a.seed)
-    texts = sorted({r.text for r in texts}) or [r.text for r in train[: a.vocoder_texts]]
+    texts = sorted({r.text for r in train})  # train-split sentences (never a test sentence), spoken by Piper itself
+    texts = random.Random(a.seed).sample(texts, min(a.vocoder_texts, len(texts)))
     kinds = [v.strip() for v in a.vocoders.split(",") if v.strip()]
     fit_waves = None
     fits = {}
