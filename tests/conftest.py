@@ -7,6 +7,7 @@ earful cache), so prompts, chat templates and mel features are the real ones.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -160,3 +161,28 @@ def digits_model(fsdd, smol_dir, whisper_dir, tmp_path_factory):
     r = cli("train", ROOT / "recipes" / "digits.yaml", "--out", out, "--set", f"data.train={train}", f"data.eval={evals}",
             f"train.max_steps={DIGITS_STEPS}", "train.warmup_steps=8", "train.eval_every=0", "train.log_every=1", "train.save_every=0")
     return out, train, evals, r
+
+
+@contextlib.contextmanager
+def uvicorn_in_thread(app, start_timeout: float = 60):
+    """A real uvicorn server for `app` on a free 127.0.0.1 port, in a thread of this process: yields the port."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", log_config=None))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -13,9 +13,7 @@ import contextlib
 import io
 import json
 import re
-import socket
 import subprocess
-import threading
 import time
 import tracemalloc
 
@@ -24,7 +22,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import FSDD_REC
+from conftest import FSDD_REC, uvicorn_in_thread
 
 from earful.eval.longform import (Segment, Transcript, _seam, stated_seconds, stream_audio, texts_of, to_json, to_srt, to_vtt,
                                   transcribe_long)
@@ -79,26 +77,14 @@ class Served:
 @pytest.fixture(scope="module")
 def served(digits_model):
     """The session's digits model behind a real HTTP server (uvicorn in this process), at most 100 s a request."""
-    import uvicorn
-
     import earful
     from earful.serve.app import create_app
 
     out, _, _, r = digits_model
     assert r.returncode == 0, r.stderr[-2000:]
     lm = earful.load(out, name="digits", max_request_audio_seconds=100)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    uv = uvicorn.Server(uvicorn.Config(create_app(lm, ui=False), log_level="warning", log_config=None))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline
-        time.sleep(0.05)
-    yield Served(f"http://127.0.0.1:{sock.getsockname()[1]}", lm)
-    uv.should_exit = True
-    thread.join(timeout=30)
+    with uvicorn_in_thread(create_app(lm, ui=False)) as port:
+        yield Served(f"http://127.0.0.1:{port}", lm)
     lm.close()
 
 

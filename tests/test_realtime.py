@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
-import threading
 import time
 
 import numpy as np
 import pytest
 
-from conftest import FSDD_REC
+from conftest import FSDD_REC, uvicorn_in_thread
 
 pytestmark = pytest.mark.slow
 
@@ -27,26 +25,14 @@ RATE = 24000
 
 @pytest.fixture(scope="module")
 def served(digits_model):
-    import uvicorn
-
     import earful
     from earful.serve.app import create_app
 
     out, _, _, r = digits_model
     assert r.returncode == 0, r.stderr[-2000:]
     lm = earful.load(out, name="digits", voice=VOICE, max_audio_seconds=20)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    uv = uvicorn.Server(uvicorn.Config(create_app(lm, api_key=KEY, ui=False), log_level="warning", log_config=None))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline
-        time.sleep(0.05)
-    yield f"ws://127.0.0.1:{sock.getsockname()[1]}/v1/realtime?model=digits", lm
-    uv.should_exit = True
-    thread.join(timeout=30)
+    with uvicorn_in_thread(create_app(lm, api_key=KEY, ui=False)) as port:
+        yield f"ws://127.0.0.1:{port}/v1/realtime?model=digits", lm
     lm.close()
 
 

@@ -36,7 +36,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import FSDD_REC, ROOT, Steps, tiny_configs
+from conftest import FSDD_REC, ROOT, Steps, tiny_configs, uvicorn_in_thread
 
 from earful.serve.engine import DecodingOptions
 
@@ -517,7 +517,6 @@ class TinyServer:
 
 @pytest.fixture(scope="module")
 def tiny_server(smol_dir, whisper_dir):
-    import uvicorn
     from transformers import AutoFeatureExtractor, AutoTokenizer
 
     from earful.models.build import assemble
@@ -530,18 +529,8 @@ def tiny_server(smol_dir, whisper_dir):
     model, processor = assemble(enc, txt, tok, AutoFeatureExtractor.from_pretrained(whisper_dir), stack_factor=2, projector_hidden_size=48)
     lm = SpeechLM(model.eval(), processor, name="tiny", max_batch_size=2, batch_wait_s=0.02, max_queue=2)
     app = create_app(lm, read_timeout_s=1.5, ui=False)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", log_config=None))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline
-        time.sleep(0.05)
-    yield TinyServer(f"http://127.0.0.1:{sock.getsockname()[1]}", lm)
-    uv.should_exit = True
-    thread.join(timeout=30)
+    with uvicorn_in_thread(app, start_timeout=30) as port:
+        yield TinyServer(f"http://127.0.0.1:{port}", lm)
     lm.close()
 
 
