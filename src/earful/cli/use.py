@@ -156,9 +156,7 @@ def chat(*, model: str, audio: str, prompt: str | None = None, max_new_tokens: C
     answer = generate_text(lm, processor, waves, text, max_new_tokens=max_new_tokens, **kwargs)[0]
     print(answer)
     if speaker is not None:
-        from ..serve.engine import SpokenAnswer
-
-        spoken = SpokenAnswer(answer, speaker.speak(answer), speaker.sampling_rate, speaker.name)
+        spoken = speaker.spoken(answer)
         spoken.save(speak_to)
         print(f"wrote {speak_to}: the answer read out by {speaker.name} ({len(spoken.audio) / spoken.sampling_rate:.1f} s)",
               file=sys.stderr)

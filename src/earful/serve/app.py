@@ -41,7 +41,7 @@ from starlette.requests import ClientDisconnect
 from ..audio import AudioError
 from ..eval.longform import Transcript, compression_ratio, short_transcript, to_srt, to_vtt
 from .engine import MAX_STOP_SEQUENCES, DecodingOptions, RequestError, ServerBusy, SpeakingLM, SpeechLM
-from .speech_out import next_cut, pcm16_bytes, wav_bytes
+from .speech_out import SpanCutter, pcm16_bytes, wav_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -655,7 +655,7 @@ async def _sse(cid: str, created: int, model: str, pieces, future, include_usage
         return event({"audio": {"id": audio_id, "data": base64.b64encode(pcm16_bytes(wave, voice.sampling_rate)).decode()}})
 
     ended = False
-    said = unspoken = ""
+    said, cutter = "", SpanCutter()
     try:
         yield event({"role": "assistant", "content": "" if voice is None else None})
         async for piece in pieces:
@@ -663,9 +663,8 @@ async def _sse(cid: str, created: int, model: str, pieces, future, include_usage
                 yield event({"content": piece})
                 continue
             yield event({"audio": {"id": audio_id, "transcript": piece}})
-            said, unspoken = said + piece, unspoken + piece
-            while (cut := next_cut(unspoken)) is not None:
-                span, unspoken = unspoken[:cut], unspoken[cut:]
+            said += piece
+            for span in cutter.feed(piece):
                 yield await spoken(span)
         ended = True
         try:
@@ -674,8 +673,8 @@ async def _sse(cid: str, created: int, model: str, pieces, future, include_usage
             yield failed(e, "generation")
             return
         if voice is not None:
-            if unspoken.strip():
-                yield await spoken(unspoken)
+            for span in cutter.rest():
+                yield await spoken(span)
             audio = remember(said, audio_id=audio_id)
             yield event({"audio": {"id": audio_id, "expires_at": audio["expires_at"]}})
         yield event({}, g.finish_reason)

@@ -43,6 +43,7 @@ from ..eval.longform import is_long, max_new_tokens_for, stated_seconds, transcr
 from ..models.configuration import place_audio
 from ..models.processing import clip_features, max_audio_seconds, min_audio_samples, pad_features
 from ..errors import EarfulError
+from .speech_out import AnswerVoice, SpokenAnswer
 
 logger = logging.getLogger(__name__)
 
@@ -194,22 +195,6 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)  # the tokens generated, without the end-of-turn token
 
 
-@dataclass
-class SpokenAnswer:
-    """A text answer and its audio, spoken by an offline voice (`SpeechLM.speak`, `chat(..., audio_out=True)`)."""
-
-    text: str
-    audio: np.ndarray  # float32 mono
-    sampling_rate: int
-    voice: str
-
-    def save(self, path: str | Path) -> Path:
-        """Write the audio as a 16-bit PCM WAV (a temporary file, then renamed)."""
-        from ..atomic import write_bytes
-        from .speech_out import wav_bytes
-
-        write_bytes(path, wav_bytes(self.audio, self.sampling_rate))
-        return Path(path)
 
 
 class AnswerStream:
@@ -375,8 +360,6 @@ class SpeechLM:
                  max_clips: int = DEFAULT_MAX_CLIPS, max_queue: int = DEFAULT_MAX_QUEUE, voice: str | None = None):
         _check_limits(max_batch_size=max_batch_size, max_audio_seconds=max_audio_seconds,
                       max_request_audio_seconds=max_request_audio_seconds, max_clips=max_clips, max_queue=max_queue)
-        from .speech_out import AnswerVoice
-
         # A voice that reads the answers out (a cascade); loaded now, so a bad name fails here.
         self.voice: AnswerVoice | None = AnswerVoice(voice) if voice is not None else None
         self.model, self.processor, self.name = model, processor, name
@@ -532,10 +515,8 @@ class SpeechLM:
     def speak(self, text: str) -> SpokenAnswer:
         """`text` read out by the model's voice (loading the default, `piper:joe@noise0,w0`, if it has none)."""
         if self.voice is None:
-            from .speech_out import AnswerVoice
-
             self.voice = AnswerVoice()
-        return SpokenAnswer(text, self.voice.speak(text), self.voice.sampling_rate, self.voice.name)
+        return self.voice.spoken(text)
 
     def stream_chat(self, prompt: str | None = None, audio: AudioLike | None = None, *, messages: list[dict] | None = None,
                     max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, stop: tuple[str, ...] = (),

@@ -41,7 +41,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..audio import resample
 from .engine import DecodingOptions, RequestError, ServerBusy
-from .speech_out import next_cut, pcm16_bytes
+from .speech_out import SpanCutter, pcm16_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,11 @@ class EventError(Exception):
     def __init__(self, message: str, *, code: str = "invalid_event", param: str | None = None, type: str = "invalid_request_error"):
         super().__init__(message)
         self.message, self.code, self.param, self.type = message, code, param, type
+
+
+def _float_wave(pcm: bytes | bytearray) -> np.ndarray:
+    """16-bit little-endian samples -> float32 in [-1, 1)."""
+    return np.frombuffer(bytes(pcm), "<i2").astype(np.float32) / 32768.0
 
 
 def _event(kind: str, **fields) -> dict:
@@ -198,7 +203,7 @@ class RealtimeSession:
 
         tail = int(VAD_TAIL_S * self.rate) * 2
         start = max(0, len(self.buffer) - tail)
-        wave = np.frombuffer(bytes(self.buffer[start:]), "<i2").astype(np.float32) / 32768.0
+        wave = _float_wave(self.buffer[start:])
         if len(wave) < self.rate // 10:
             return
         probs, hop = await run_in_threadpool(vad_probabilities, resample(wave, self.rate, VAD_RATE))
@@ -224,7 +229,7 @@ class RealtimeSession:
         if len(self.buffer) < self.rate // 10 * 2:  # under 100 ms, as OpenAI requires
             raise EventError(f"input_audio_buffer: {len(self.buffer) // 2 * 1000 // self.rate} ms of audio; a turn needs at least 100 ms",
                              code="input_audio_buffer_commit_empty")
-        wave = np.frombuffer(bytes(self.buffer), "<i2").astype(np.float32) / 32768.0
+        wave = _float_wave(self.buffer)
         self.buffer.clear()
         self.speech_started_at = None
         item_id = f"item_{uuid.uuid4().hex[:20]}"
@@ -275,7 +280,7 @@ class RealtimeSession:
     async def _respond(self, future, pieces, speak: bool) -> None:
         rid, iid = f"resp_{uuid.uuid4().hex[:20]}", f"item_{uuid.uuid4().hex[:20]}"
         where = {"response_id": rid, "item_id": iid, "output_index": 0, "content_index": 0}
-        status, text, unspoken = "completed", "", ""
+        status, text, cutter = "completed", "", SpanCutter()
         try:
             await self.send("response.created", response={"id": rid, "object": "realtime.response", "status": "in_progress", "output": []})
             await self.send("response.output_item.added", response_id=rid, output_index=0,
@@ -284,14 +289,12 @@ class RealtimeSession:
                 text += piece
                 await self.send("response.audio_transcript.delta" if speak else "response.text.delta", **where, delta=piece)
                 if speak:
-                    unspoken += piece
-                    while (cut := next_cut(unspoken)) is not None:
-                        span, unspoken = unspoken[:cut], unspoken[cut:]
+                    for span in cutter.feed(piece):
                         await self._speak(span, where)
             g = future.result(timeout=0)
             if speak:
-                if unspoken.strip():
-                    await self._speak(unspoken, where)
+                for span in cutter.rest():
+                    await self._speak(span, where)
                 await self.send("response.audio.done", **where)
                 await self.send("response.audio_transcript.done", **where, transcript=text)
             else:

@@ -21,6 +21,8 @@ import logging
 import re
 import threading
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -41,6 +43,23 @@ MIN_CLAUSE_CHARS = 24
 
 class VoiceError(EarfulError, ValueError):
     """Text that cannot be spoken."""
+
+
+@dataclass
+class SpokenAnswer:
+    """A text answer and its audio, spoken by an offline voice (`SpeechLM.speak`, `chat(..., audio_out=True)`)."""
+
+    text: str
+    audio: np.ndarray  # float32 mono
+    sampling_rate: int
+    voice: str
+
+    def save(self, path: str | Path) -> Path:
+        """Write the audio as a 16-bit PCM WAV (a temporary file, then renamed)."""
+        from ..atomic import write_bytes
+
+        write_bytes(path, wav_bytes(self.audio, self.sampling_rate))
+        return Path(path)
 
 
 class AnswerVoice:
@@ -69,26 +88,43 @@ class AnswerVoice:
             wave = self.voice.synthesize(text.strip())
         return np.asarray(wave, np.float32)
 
+    def spoken(self, text: str) -> SpokenAnswer:
+        """`text` and its audio in this voice."""
+        return SpokenAnswer(text, self.speak(text), self.sampling_rate, self.name)
+
     def speak_as_decoded(self, pieces: Iterable[str]) -> Iterator[tuple[str, np.ndarray]]:
         """(text, its audio) for each sentence of a streamed answer as soon as that sentence is complete."""
         for text in sentences_as_decoded(pieces):
             yield text, self.speak(text)
 
 
+class SpanCutter:
+    """Text pieces in as they are decoded, speakable spans out: whole sentences, or long clauses
+    (`next_cut`); `rest()` gives what is left at the end. Spans are stripped, never empty."""
+
+    def __init__(self):
+        self.unspoken = ""
+
+    def feed(self, piece: str) -> list[str]:
+        self.unspoken += piece
+        spans = []
+        while (cut := next_cut(self.unspoken)) is not None:
+            span, self.unspoken = self.unspoken[:cut].strip(), self.unspoken[cut:]
+            if span:
+                spans.append(span)
+        return spans
+
+    def rest(self) -> list[str]:
+        span, self.unspoken = self.unspoken.strip(), ""
+        return [span] if span else []
+
+
 def sentences_as_decoded(pieces: Iterable[str]) -> Iterator[str]:
     """Cut a stream of text pieces into speakable spans: whole sentences, or long clauses; the rest at the end."""
-    buffer = ""
+    cutter = SpanCutter()
     for piece in pieces:
-        buffer += piece
-        while True:
-            cut = next_cut(buffer)
-            if cut is None:
-                break
-            span, buffer = buffer[:cut], buffer[cut:]
-            if span.strip():
-                yield span.strip()
-    if buffer.strip():
-        yield buffer.strip()
+        yield from cutter.feed(piece)
+    yield from cutter.rest()
 
 
 def next_cut(text: str) -> int | None:
