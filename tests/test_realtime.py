@@ -73,6 +73,13 @@ class Client:
         for i in range(0, len(pcm), step):
             self.send("input_audio_buffer.append", audio=base64.b64encode(pcm[i : i + step]).decode())
 
+    def ask(self, pcm: bytes) -> list[dict]:
+        """A turn with the client committing it (turn_detection null): stream, commit, ask; the events to response.done."""
+        self.stream(pcm)
+        self.send("input_audio_buffer.commit")
+        self.send("response.create")
+        return self.until("response.done")
+
     def close(self) -> None:
         self.ws.__exit__(None, None, None)
 
@@ -101,10 +108,7 @@ def test_a_committed_turn_is_answered_as_the_model_answers_it(served):
         assert done["status"] == "completed" and done["usage"]["output_tokens"] > 0
         assert [e for e in events if e["type"] == "response.text.done"][0]["text"] == said
         # A second turn is answered with the first in context, as the engine answers the conversation.
-        client.stream(second)
-        client.send("input_audio_buffer.commit")
-        client.send("response.create")
-        events = client.until("response.done")
+        events = client.ask(second)
         from earful.serve.engine import DecodingOptions
 
         expected = lm.generate([{"role": "user", "content": [wave_of(first)]}, {"role": "assistant", "content": said},
@@ -143,10 +147,7 @@ def test_a_spoken_answer_streams_as_pcm16_that_whisper_hears(served):
         client.send("session.update", session={"turn_detection": None, "modalities": ["text", "audio"]})
         assert client.next()["session"]["voice"] == VOICE
         pcm = pcm24("7_jackson_5.wav")
-        client.stream(pcm)
-        client.send("input_audio_buffer.commit")
-        client.send("response.create")
-        events = client.until("response.done")
+        events = client.ask(pcm)
         said = lm.transcribe(wave_of(pcm))
         assert "".join(e["delta"] for e in events if e["type"] == "response.audio_transcript.delta") == said
         audio = b"".join(base64.b64decode(e["delta"]) for e in events if e["type"] == "response.audio.delta")
@@ -184,10 +185,7 @@ def test_garbage_gets_an_error_event_naming_the_field_and_the_session_goes_on(se
         assert client.next()["error"]["code"] == "input_audio_buffer_full"
         # Still a working session.
         pcm = pcm24("9_jackson_20.wav")
-        client.stream(pcm)
-        client.send("input_audio_buffer.commit")
-        client.send("response.create")
-        assert text_of(client.until("response.done")) == lm.transcribe(wave_of(pcm))
+        assert text_of(client.ask(pcm)) == lm.transcribe(wave_of(pcm))
     finally:
         client.close()
 
@@ -216,9 +214,6 @@ def test_a_wrong_key_is_refused_and_a_client_that_leaves_mid_utterance_is_let_go
         client.send("session.update", session={"turn_detection": None})
         client.next()
         pcm = pcm24("2_lucas_10.wav")
-        client.stream(pcm)
-        client.send("input_audio_buffer.commit")
-        client.send("response.create")
-        assert text_of(client.until("response.done")) == lm.transcribe(wave_of(pcm))
+        assert text_of(client.ask(pcm)) == lm.transcribe(wave_of(pcm))
     finally:
         client.close()

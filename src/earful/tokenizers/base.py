@@ -98,18 +98,21 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def read_config(folder: str | Path) -> dict:
-    path = Path(folder) / CONFIG_FILE
+def read_kind_config(path: Path, error: type[Exception], what: str, make: str, kinds: str) -> dict:
+    """A folder's JSON config naming its `kind` (audio tokenizers, vocoders), or `error` saying what is wrong."""
     if not path.is_file():
-        raise AudioTokenizerError(f"{path.parent}: not an audio tokenizer folder (no {CONFIG_FILE}); "
-                                  "make one with `earful units fit`")
+        raise error(f"{path.parent}: not {what} folder (no {path.name}); make one with `{make}`")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise AudioTokenizerError(f"{path}: not JSON ({e.msg})") from None
+        raise error(f"{path}: not JSON ({e.msg})") from None
     if not isinstance(config, dict) or "kind" not in config:
-        raise AudioTokenizerError(f"{path}: expected an object with a 'kind' (units or codec)")
+        raise error(f"{path}: expected an object with a 'kind' ({kinds})")
     return config
+
+
+def read_config(folder: str | Path) -> dict:
+    return read_kind_config(Path(folder) / CONFIG_FILE, AudioTokenizerError, "an audio tokenizer", "earful units fit", "units or codec")
 
 
 def load_audio_tokenizer(folder: str | Path) -> AudioTokenizer:

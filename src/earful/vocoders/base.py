@@ -133,16 +133,9 @@ class Vocoder(ABC):
 
 
 def read_config(folder: str | Path) -> dict:
-    path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
-        raise VocoderError(f"{path.parent}: not a vocoder folder (no {CONFIG_FILE}); make one with `earful vocoder fit`")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise VocoderError(f"{path}: not JSON ({e.msg})") from None
-    if not isinstance(config, dict) or "kind" not in config:
-        raise VocoderError(f"{path}: expected an object with a 'kind' ({', '.join(sorted(KINDS))})")
-    return config
+    from ..tokenizers.base import read_kind_config
+
+    return read_kind_config(Path(folder) / CONFIG_FILE, VocoderError, "a vocoder", "earful vocoder fit", ", ".join(sorted(KINDS)))
 
 
 def load_vocoder(folder: str | Path) -> Vocoder:
